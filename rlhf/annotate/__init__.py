@@ -1,0 +1,5 @@
+"""Preference annotation: people compare two responses, and their labels feed `rlhf reward` and `rlhf dpo`.
+
+Commands live in :mod:`rlhf.annotate.cli`. This package imports nothing heavy at import time
+(Flask and SQLAlchemy load only when a command needs them), so `rlhf --help` stays fast.
+"""

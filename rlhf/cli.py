@@ -1,0 +1,104 @@
+"""`rlhf <command> [--config FILE.yaml] [--key value ...]`: every stage from the command line.
+
+Imports stay inside the commands, so `rlhf --help` starts without loading torch or transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "sft": ("rlhf.sft", "supervised fine-tuning on demonstrations (--data demonstrations.jsonl)"),
+    "pairs": ("rlhf.pairs", "sample responses and have the annotator choose → preference pairs (--data prompts.jsonl)"),
+    "reward": ("rlhf.reward", "train a Bradley–Terry reward model (--data pairs.jsonl)"),
+    "ppo": ("rlhf.ppo", "PPO with a KL penalty against the reward model (--data prompts.jsonl)"),
+    "pipeline": ("rlhf.pipeline", "SFT → pairs → reward → PPO → evaluation in one run folder"),
+    "eval": ("rlhf.evaluate", "held-out gold score, win rate, KL and length of checkpoints (--models a,b)"),
+    "chat": ("rlhf.chat", "talk to a checkpoint in the terminal (--model DIR)"),
+    "annotate": ("rlhf.annotate.cli", "the preference-annotation web app: import, serve, add-user, export"),
+}
+
+USAGE = """usage: rlhf <command> [--config FILE.yaml] [--key value ...]
+
+The RLHF pipeline, offline on a laptop CPU or on a GPU with the same code.
+
+commands:
+{commands}
+
+Every command takes --config FILE.yaml (its keys, or a section named after the command), overrides
+as --key value (pipeline sections as --ppo.lr 1e-5), --output_dir DIR, and its input as --data FILE.
+With no --model, the embedded SmolLM2-135M-Instruct is used. `rlhf <command> --help` lists the keys.
+"""
+
+
+def usage() -> str:
+    return USAGE.format(commands="\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()))
+
+
+def parse_stage_args(command: str, cls: type, argv: list[str]):
+    """--config FILE (flat keys, or the command's own section of a pipeline file) + --key value overrides."""
+    from rlhf import config as cfg
+
+    values: dict = {}
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            data = cfg.read_yaml(argv[i + 1])
+            section = data.get(command)
+            values.update(section if isinstance(section, dict) and command != "pipeline" else data)
+            i += 2
+        elif argv[i].startswith("--config="):
+            data = cfg.read_yaml(argv[i].split("=", 1)[1])
+            section = data.get(command)
+            values.update(section if isinstance(section, dict) and command != "pipeline" else data)
+            i += 1
+        else:
+            rest.append(argv[i])
+            i += 1
+    overrides = cfg.overrides_to_dict(rest)
+    if command == "eval" and "model" in overrides:  # `rlhf eval --model DIR` reads naturally too
+        overrides["models"] = overrides.pop("model")
+    values = cfg.merge_nested(values, overrides)
+    return cfg.build(cls, values, where=f"rlhf {command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+        print(f"rlhf: unknown command '{command}'." + (f" Did you mean '{close[0]}'?" if close else ""), file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    if command == "annotate":
+        return module.main(rest)
+    from rlhf import config as cfg
+    from rlhf.data import DataError
+
+    if "-h" in rest or "--help" in rest:
+        print(f"usage: rlhf {command} [--config FILE.yaml] [--key value ...]\n\n{COMMANDS[command][1]}\n\nkeys:")
+        print(cfg.describe(module.Config))
+        return 0
+    try:
+        config = parse_stage_args(command, module.Config, rest)
+        module.main(config)
+    except (cfg.ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"rlhf {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nrlhf {command}: interrupted; finished checkpoints are intact (each is written to a temp folder, then renamed)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

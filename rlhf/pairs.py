@@ -1,0 +1,98 @@
+"""Preference pairs: sample two or more responses per prompt, then have an annotator choose.
+
+What: the data-collection step between SFT and the reward model. The model (usually the SFT model)
+answers each prompt `n_responses` times; an annotator compares every two answers of a prompt and
+the result is written as preference JSONL (`prompt`, `chosen`, `rejected`) that `rlhf reward` reads.
+The built-in annotator is the simulated one (`rlhf.annotators`), a noisy stand-in for a person.
+With `annotator: none` the responses are written unlabelled as candidates
+(`prompt`, `responses`) for people to label in `rlhf annotate`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf import config as cfg
+from rlhf.data import prompt_for_output, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+from rlhf.rollout import sample
+from rlhf.tracking import say, seed_everything
+
+
+@dataclass
+class Config:
+    model: str = cfg.field("default", "the model that answers (a causal-LM folder or 'default')")
+    data: str = cfg.field("builtin:prompts_train", "prompts file or builtin:prompts_train")
+    output_dir: str = cfg.field("runs/pairs", "folder for pairs.jsonl (or candidates.jsonl)")
+    max_prompts: int = cfg.field(0, "use only the first N prompts (0 = all)")
+    n_responses: int = cfg.field(2, "responses sampled per prompt (every two of them make a pair)")
+    max_new_tokens: int = cfg.field(64, "longest response in tokens")
+    temperature: float = cfg.field(1.0, "sampling temperature (diverse answers make informative pairs)")
+    annotator: str = cfg.field("simulated", "who chooses: simulated, or none to write unlabelled candidates")
+    annotator_noise: float = cfg.field(0.1, "label noise of the simulated annotator (Bradley–Terry temperature on the gold score)")
+    batch_size: int = cfg.field(64, "prompts sampled at once")
+    bf16: bool = cfg.field(True, "bf16 autocast")
+    device: str = cfg.field("auto", "cpu, cuda or auto")
+    seed: int = cfg.field(0, "random seed")
+
+
+def main(config: Config) -> dict:
+    if config.n_responses < 2:
+        raise ValueError(f"n_responses must be at least 2 to make a pair, got {config.n_responses}")
+    if config.annotator not in ("simulated", "none"):
+        raise ValueError(f"annotator must be 'simulated' or 'none', got '{config.annotator}'")
+    seed_everything(config.seed)
+    started = time.time()
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+
+    # 1. prompts and the answering model
+    prompts = read_prompts(resolve_data_path(config.data))
+    if config.max_prompts:
+        prompts = prompts[: config.max_prompts]
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, device, trainable=False)
+    say(f"[pairs] {len(prompts)} prompts × {config.n_responses} responses from {model_path}")
+
+    # 2. sample every prompt n times in one batched pass
+    repeated = [p for p in prompts for _ in range(config.n_responses)]
+    rollout = sample(model, tokenizer, repeated, config.max_new_tokens, config.temperature,
+                     batch_size=config.batch_size, bf16=config.bf16, progress=True)
+    answers = [rollout.texts[i * config.n_responses:(i + 1) * config.n_responses] for i in range(len(prompts))]
+    ended = rollout.ended.tolist()
+    say(f"[pairs] {sum(ended)}/{len(ended)} responses ended within {config.max_new_tokens} tokens")
+
+    # 3. unlabelled candidates for people, or the simulated annotator's choices
+    if config.annotator == "none":
+        path = write_jsonl(out / "candidates.jsonl", ({"prompt": prompt_for_output(p), "responses": a} for p, a in zip(prompts, answers)))
+        summary = {"stage": "pairs", "candidates": len(prompts), "file": str(path)}
+    else:
+        from rlhf.annotators import SimulatedAnnotator
+
+        annotator = SimulatedAnnotator(noise_temperature=config.annotator_noise, seed=config.seed, device=str(device))
+        rows, identical = [], 0
+        pair_prompts, firsts, seconds = [], [], []
+        for prompt, responses in zip(prompts, answers):
+            for a, b in itertools.combinations(responses, 2):
+                if a.strip() == b.strip():
+                    identical += 1  # no information in comparing an answer with itself
+                    continue
+                pair_prompts.append(prompt)
+                firsts.append(a)
+                seconds.append(b)
+        choices = annotator.prefer_batch([prompt_text(p) for p in pair_prompts], firsts, seconds)
+        for prompt, a, b, (choice, p_a) in zip(pair_prompts, firsts, seconds, choices):
+            chosen, rejected = (a, b) if choice == 0 else (b, a)
+            rows.append({"prompt": prompt_for_output(prompt), "chosen": chosen, "rejected": rejected,
+                         "p_chosen": round(p_a if choice == 0 else 1 - p_a, 4)})
+        path = write_jsonl(out / "pairs.jsonl", rows)
+        summary = {"stage": "pairs", "pairs": len(rows), "identical_skipped": identical, "file": str(path)}
+    summary["seconds"] = round(time.time() - started, 1)
+    summary["ended_fraction"] = round(sum(ended) / max(1, len(ended)), 3)
+    write_jsonl(out / "summary.jsonl", [summary])
+    say(f"[pairs] wrote {summary['file']} ({summary['seconds']} s)")
+    return summary

@@ -1,0 +1,95 @@
+"""Stages 1 → 2 → 3 (SFT, preference pairs, reward model, PPO) and the held-out evaluation, in one run folder.
+
+Each stage writes a marker with its resolved config when it finishes. Running the pipeline again skips
+a stage whose marker matches its config; a stage that reruns makes every later stage rerun too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf import config as cfg
+from rlhf import evaluate, pairs, ppo, reward, sft
+from rlhf.tracking import say
+
+STAGES = {"sft": sft.Config, "pairs": pairs.Config, "reward": reward.Config, "ppo": ppo.Config, "eval": evaluate.Config}
+
+
+@dataclass
+class Config:
+    output_dir: str = cfg.field("runs/pipeline", "the run folder: every stage writes below it")
+    model: str = cfg.field("default", "the starting model (a causal-LM folder or 'default')")
+    data: str = cfg.field("builtin:demonstrations", "demonstrations for SFT")
+    prompts: str = cfg.field("builtin:prompts_train", "prompts for the preference pairs and for PPO")
+    eval_prompts: str = cfg.field("builtin:prompts_heldout", "held-out prompts for the final evaluation")
+    device: str = cfg.field("auto", "cpu, cuda or auto (every stage)")
+    bf16: bool = cfg.field(True, "bf16 autocast (every stage)")
+    seed: int = cfg.field(0, "random seed (every stage)")
+    sft: dict = cfg.field({}, "settings of the SFT stage (see `rlhf sft --help`)")
+    pairs: dict = cfg.field({}, "settings of the pairs stage (see `rlhf pairs --help`)")
+    reward: dict = cfg.field({}, "settings of the reward stage (see `rlhf reward --help`)")
+    ppo: dict = cfg.field({}, "settings of the PPO stage (see `rlhf ppo --help`)")
+    eval: dict = cfg.field({}, "settings of the evaluation (see `rlhf eval --help`)")
+
+
+def stage_configs(config: Config) -> dict[str, Any]:
+    """Each stage's config: the user's section, with the wiring between stages filled in."""
+    run = Path(config.output_dir)
+    shared = {"device": config.device, "bf16": config.bf16}
+    wiring = {
+        "sft": {"model": config.model, "data": config.data, "output_dir": str(run / "sft"), "seed": config.seed},
+        "pairs": {"model": str(run / "sft"), "data": config.prompts, "output_dir": str(run / "pairs"), "seed": config.seed},
+        "reward": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "reward"),
+                   "seed": config.seed},
+        "ppo": {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": config.prompts,
+                "output_dir": str(run / "ppo"), "seed": config.seed},
+        "eval": {"models": [str(run / "sft"), str(run / "ppo")], "data": config.eval_prompts, "output_dir": str(run / "eval")},
+    }
+    built = {}
+    for name, cls in STAGES.items():
+        section = getattr(config, name)
+        wired = set(wiring[name]) - {"seed"}
+        clash = wired & set(section)
+        if clash:
+            raise cfg.ConfigError(f"pipeline: '{name}.{sorted(clash)[0]}' is set by the pipeline itself "
+                                  f"(from output_dir/model/data/prompts); set those at the top level instead")
+        built[name] = cfg.build(cls, {**shared, **wiring[name], **section}, where=f"pipeline section '{name}'")
+    return built
+
+
+def main(config: Config) -> dict:
+    run = Path(config.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    cfg.save(config, run / "config.yaml")
+    markers = run / "stages"
+    markers.mkdir(exist_ok=True)
+    configs = stage_configs(config)
+    modules = {"sft": sft, "pairs": pairs, "reward": reward, "ppo": ppo, "eval": evaluate}
+    results: dict[str, Any] = {}
+    rerun_rest = False
+    names = {str(run / "sft"): "SFT", str(run / "ppo"): "PPO"}
+    for name, stage_config in configs.items():
+        marker = markers / f"{name}.json"
+        wanted = cfg.to_dict(stage_config)
+        if not rerun_rest and marker.is_file():
+            done = json.loads(marker.read_text())
+            if done.get("config") == wanted:
+                say(f"[pipeline] {name}: finished earlier, skipped ({marker})")
+                results[name] = done.get("result")
+                continue
+            say(f"[pipeline] {name}: config changed since the last run; rerunning it and the stages after it")
+        rerun_rest = True
+        if name == "eval":
+            result = evaluate.main(stage_config, names=names)
+        else:
+            result = modules[name].main(stage_config)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": wanted, "result": result}, indent=2, default=str))
+        tmp.replace(marker)
+        results[name] = result
+    if not rerun_rest:  # nothing ran this time: show the finished run's table again
+        say(evaluate.format_result(results["eval"], names=names))
+    return results

@@ -1,0 +1,257 @@
+"""Stage 3: PPO against the reward model, anchored to the frozen SFT model by a per-token KL penalty.
+
+What: the policy answers prompts; the reward model scores each answer; the reward a token earns is
+−β·KL_t(π‖π_ref), and the answer's (normalised) score is added on its last token. GAE turns these
+rewards into advantages, and the clipped PPO objective updates the policy and its value head.
+Papers: Schulman et al. 2017 (PPO); Ziegler et al. 2019 and Stiennon et al. 2020 (KL-shaped reward,
+adaptive β); Ouyang et al. 2022 step 3; Huang et al. 2024, "The N+ implementation details of RLHF
+with PPO" (EOS truncation, missing-EOS penalty, reward normalisation, dropout off, temperature).
+Our deviations: the critic is a zero-initialised linear value head on the policy's last hidden state
+(the cheap option on one CPU: one forward pass gives logits and values) instead of a separate model
+started from the reward model; the reference is the same weights with the LoRA adapter off when
+LoRA is on. Scores are normalised with the mean/std the reward stage measured on reference samples.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf import config as cfg
+from rlhf import losses
+from rlhf.data import LengthPolicy, Messages, encode_conversation, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_reward_model,
+                         load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
+                         pick_device, resolve_model_path, save_atomic, score_sequences)
+from rlhf.ops import entropy_from_logits, logprobs_from_logits, masked_mean, whiten
+from rlhf.rollout import Rollout, forward_logits, sample
+from rlhf.tracking import RunLog, say, seed_everything
+
+
+@dataclass
+class Config:
+    policy: str = cfg.field("runs/sft", "the SFT model: the policy's start and the frozen KL reference")
+    reward_model: str = cfg.field("runs/reward", "the reward model folder (from `rlhf reward`)")
+    data: str = cfg.field("builtin:prompts_train", "prompts file or builtin:prompts_train")
+    output_dir: str = cfg.field("runs/ppo", "where the trained policy is written")
+    steps: int = cfg.field(10, "PPO iterations (each: sample a batch, score, update)")
+    batch_size: int = cfg.field(32, "responses sampled per iteration")
+    mini_batch_size: int = cfg.field(16, "responses per gradient step")
+    ppo_epochs: int = cfg.field(2, "passes over each batch")
+    max_new_tokens: int = cfg.field(64, "longest response in tokens")
+    max_prompt_length: int = cfg.field(128, "longer prompts are cut from the left or skipped (see truncation)")
+    truncation: str = cfg.field("truncate", "prompts over max_prompt_length: truncate or skip")
+    temperature: float = cfg.field(0.7, "sampling temperature (logprobs are recomputed at the same temperature)")
+    lr: float = cfg.field(1e-5, "policy learning rate")
+    value_lr: float = cfg.field(1e-3, "value head learning rate (it starts at zero and must catch up fast)")
+    kl_estimator: str = cfg.field("k1", "per-token KL estimator in the reward: k1 (log ratio) or k3")
+    beta: float = cfg.field(0.05, "KL coefficient β (initial value when target_kl is set)")
+    target_kl: float = cfg.field(0.0, "target KL per response for the adaptive controller (0 = fixed β)")
+    kl_horizon: int = cfg.field(10000, "adaptive controller horizon in responses")
+    gamma: float = cfg.field(1.0, "discount")
+    lam: float = cfg.field(0.95, "GAE λ")
+    clip: float = cfg.field(0.2, "policy ratio clip")
+    value_clip: float = cfg.field(0.2, "value clip")
+    vf_coef: float = cfg.field(0.1, "value loss coefficient")
+    normalize_reward: bool = cfg.field(True, "normalise scores to ~N(0,1) on reference samples (from the reward stage)")
+    missing_eos_penalty: float = cfg.field(1.0, "subtracted from the score of a response that never ends")
+    lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
+    lora_alpha: int = cfg.field(16, "LoRA alpha")
+    gold: bool = cfg.field(True, "also score rollouts with the built-in gold annotator, for logging only")
+    sample_every: int = cfg.field(5, "write sample responses every N steps")
+    generation_batch_size: int = cfg.field(64, "prompts sampled at once")
+    bf16: bool = cfg.field(True, "bf16 autocast")
+    device: str = cfg.field("auto", "cpu, cuda or auto")
+    seed: int = cfg.field(0, "random seed")
+
+
+def response_logprobs_values(model, value_head, rollout: Rollout, temperature: float, bf16: bool, device,
+                             want_values: bool = True, want_entropy: bool = False):
+    """Log-probabilities (B, R) of the sampled response tokens, values (B, R) and entropy, from one forward pass.
+
+    Logits are divided by the sampling temperature, so that the ratio π/π_old compares the same
+    distribution the tokens were drawn from. The sequence carries the sampling-time padding.
+    """
+    prompt_width = rollout.prompt_ids.shape[1]
+    with autocast(device, bf16):
+        logits, hidden = forward_logits(model, rollout.input_ids, rollout.attention_mask, want_hidden=want_values)
+        # position t predicts token t+1: the response tokens are predicted from prompt_width-1 on
+        logits = logits[:, prompt_width - 1:-1]
+        values = value_head(hidden[:, prompt_width - 1:-1]).squeeze(-1).float() if want_values else None
+    logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
+    entropy = entropy_from_logits(logits, rollout.response_mask, temperature) if want_entropy else None
+    return logprobs, values, entropy
+
+
+def main(config: Config) -> dict:
+    if config.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"kl_estimator must be 'k1' or 'k3', got '{config.kl_estimator}'")
+    if config.batch_size % config.mini_batch_size:
+        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size ({config.mini_batch_size})")
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    started = time.time()
+
+    # 0. models: policy (+ value head), frozen reference, frozen reward model
+    policy_path = resolve_model_path(config.policy)
+    tokenizer = load_tokenizer(policy_path)
+    policy = load_causal_lm(policy_path, device)
+    if config.lora_r > 0:
+        policy = add_lora(policy, config.lora_r, config.lora_alpha)
+        reference = None  # the same weights with the adapter switched off
+    else:
+        reference = load_causal_lm(policy_path, device, trainable=False)
+    hidden_size = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") else policy.config.hidden_size
+    value_head = torch.nn.Linear(hidden_size, 1).to(device)
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    reward_path = resolve_model_path(config.reward_model)
+    reward_tokenizer = load_tokenizer(reward_path)
+    reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False)
+    reward_mean, reward_std = load_reward_normalisation(reward_path) if config.normalize_reward else (0.0, 1.0)
+    trainable, total = count_parameters(policy)
+    say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), reward {reward_path} "
+        f"(normalised with mean {reward_mean:.3f}, std {reward_std:.3f}) on {device}")
+
+    gold = None
+    if config.gold:
+        from rlhf.annotators import SimulatedAnnotator
+
+        gold = SimulatedAnnotator(noise_temperature=0.0, device=str(device))
+
+    # prompts, cut or skipped at max_prompt_length and counted
+    lengths = LengthPolicy(config.max_prompt_length, config.truncation)
+    prompts: list[Messages] = []
+    for messages in read_prompts(resolve_data_path(config.data)):
+        fitted = lengths.fit_prompt_messages(tokenizer, messages)
+        if fitted is not None:
+            prompts.append(fitted)
+    if not prompts:
+        raise ValueError(f"{config.data}: no prompts left (skipped {lengths.skipped} over max_prompt_length)")
+    say(f"[ppo] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at max_prompt_length={config.max_prompt_length})")
+
+    updates_per_step = config.ppo_epochs * (config.batch_size // config.mini_batch_size)
+    optimizer, schedule = optimizer_and_schedule(
+        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.lr},
+         {"params": list(value_head.parameters()), "lr": config.value_lr}],
+        config.lr, 0.0, config.steps * updates_per_step, 0)
+    log = RunLog(out.parent / f"{out.name}_logs")
+    beta = config.beta
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    samples = []
+    history = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(config.steps), desc="ppo", unit="step")
+    for step in bar:
+        step_started = time.time()
+        if len(order) < config.batch_size:
+            more = list(range(len(prompts)))
+            rng.shuffle(more)
+            order += more
+        batch_prompts = [prompts[i] for i in order[:config.batch_size]]
+        del order[:config.batch_size]
+
+        # 1. rollout
+        rollout = sample(policy, tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
+                         batch_size=config.generation_batch_size, bf16=config.bf16)
+        rollout = Rollout(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in (
+            rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.ended, rollout.texts)))
+        generation_seconds = time.time() - step_started
+        mask = rollout.response_mask
+
+        # 2. score: the reward model reads the chat as its template writes it; normalise; penalise no EOS
+        conversations = [encode_conversation(reward_tokenizer, p, t) for p, t in zip(batch_prompts, rollout.texts)]
+        raw_scores = score_sequences(reward_model, conversations, reward_model.config.pad_token_id, device, config.bf16).to(device)
+        scores = (raw_scores - reward_mean) / reward_std
+        scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
+
+        # 3. KL-shaped reward: old logprobs and values from the policy, ref logprobs from the reference
+        with torch.no_grad():
+            old_logprobs, old_values, entropy = response_logprobs_values(
+                policy, value_head, rollout, config.temperature, config.bf16, device, want_entropy=True)
+            if reference is None:
+                with adapter_disabled(policy):
+                    ref_logprobs, _, _ = response_logprobs_values(policy, value_head, rollout, config.temperature,
+                                                                  config.bf16, device, want_values=False)
+            else:
+                ref_logprobs, _, _ = response_logprobs_values(reference, value_head, rollout, config.temperature,
+                                                              config.bf16, device, want_values=False)
+        kl = losses.kl_k1(old_logprobs, ref_logprobs) if config.kl_estimator == "k1" else losses.kl_k3(old_logprobs, ref_logprobs)
+        kl = kl * mask
+        rewards, reward_stats = losses.kl_shaped_rewards(scores, kl, mask, beta)
+
+        # 4. advantages (GAE, γ=1, λ=0.95), whitened over the batch's real tokens
+        advantages, returns = losses.gae(rewards, old_values * mask, mask, config.gamma, config.lam)
+        advantages = whiten(advantages, mask)
+
+        # 5. update: several epochs of clipped policy + value loss on shuffled mini-batches
+        policy_stats: dict[str, list[float]] = {}
+        for _ in range(config.ppo_epochs):
+            permutation = torch.randperm(config.batch_size, device=device)
+            for start in range(0, config.batch_size, config.mini_batch_size):
+                index = permutation[start:start + config.mini_batch_size]
+                part = rollout.select(index)
+                logprobs, values, _ = response_logprobs_values(policy, value_head, part, config.temperature,
+                                                               config.bf16, device)
+                pg_loss, pg_stats = losses.ppo_policy_loss(logprobs, old_logprobs[index], advantages[index],
+                                                           part.response_mask, config.clip)
+                vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[index], returns[index],
+                                                          part.response_mask, config.value_clip)
+                loss = pg_loss + config.vf_coef * vf_loss
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters()), 1.0)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                for key, value in {**pg_stats, **vf_stats, "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
+                                   "grad_norm": grad_norm}.items():
+                    policy_stats.setdefault(key, []).append(float(value))
+
+        # 6. adaptive β (Ziegler et al.): move β so the per-response KL tracks the target
+        kl_per_response = kl.sum(1).mean().item()
+        if config.target_kl > 0:
+            beta = losses.adaptive_kl_beta(beta, kl_per_response, config.target_kl, config.batch_size, config.kl_horizon)
+
+        metrics = {
+            "reward_model_score": raw_scores.mean(), "score": scores.mean(), "kl": kl_per_response, "beta": beta,
+            "entropy": masked_mean(entropy, mask), "response_length": rollout.lengths.float().mean(),
+            "ended_fraction": rollout.ended.float().mean(), "non_score_reward": reward_stats["kl_penalty"],
+            "total_reward": rewards.sum(1).mean(), "returns": masked_mean(returns, mask),
+            **{k: sum(v) / len(v) for k, v in policy_stats.items()},
+            "lr": schedule.get_last_lr()[0], "generation_seconds": generation_seconds,
+            "step_seconds": time.time() - step_started,
+        }
+        gold_scores = None
+        if gold is not None:
+            gold_scores = gold.gold_scores([prompt_text(p) for p in batch_prompts], rollout.texts)
+            metrics["gold_score"] = sum(gold_scores) / len(gold_scores)
+        row = log.log(step, metrics)
+        history.append(row)
+        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
+        if step % config.sample_every == 0 or step == config.steps - 1:
+            for i in range(min(3, len(batch_prompts))):
+                samples.append({"step": step, "prompt": prompt_text(batch_prompts[i]), "response": rollout.texts[i],
+                                "score": round(scores[i].item(), 3),
+                                **({"gold": round(gold_scores[i], 3)} if gold_scores else {})})
+    log.close()
+
+    # 7. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it
+    summary = {"stage": "ppo", "steps": config.steps, "final_beta": beta,
+               "first": {k: history[0].get(k) for k in ("score", "kl", "gold_score", "response_length")},
+               "last": {k: history[-1].get(k) for k in ("score", "kl", "gold_score", "response_length")},
+               "seconds": round(time.time() - started, 1)}
+    write_jsonl(out.parent / f"{out.name}_logs" / "samples.jsonl", samples)
+    save_atomic(out, model=merged_for_saving(policy), tokenizer=tokenizer,
+                json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary},
+                tensors={"value_head.safetensors": value_head.state_dict()})
+    say(f"[ppo] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → {summary['last']['score']:.3f}, "
+        f"KL {summary['last']['kl']:.3f}")
+    return summary

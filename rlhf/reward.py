@@ -1,0 +1,148 @@
+"""Stage 2: a reward model trained on pairwise preferences with the Bradley–Terry loss.
+
+What: a sequence classifier with one output, r(prompt, response), trained so that the chosen answer
+scores above the rejected one: loss = −log σ(r(chosen) − r(rejected) − margin). It starts from the
+SFT model (it already reads the task's language); its score head starts fresh.
+Papers: Bradley & Terry 1952; Stiennon et al. 2020; Ouyang et al. 2022 step 2 (margin: Llama 2).
+Our deviations: the model scores the whole chat as the template writes it (prompt + answer + end of
+turn), so any tool that applies the same template reproduces our scores. After training, the scores
+of the pairs' responses (samples of the reference policy) give a mean and std that PPO uses to
+normalise rewards to about N(0, 1).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf import config as cfg
+from rlhf.data import LengthPolicy, encode_conversation, pad_right, parse_preference, read_records, resolve_data_path
+from rlhf.losses import bradley_terry_loss
+from rlhf.models import (autocast, load_reward_model, load_tokenizer, optimizer_and_schedule, pick_device,
+                         resolve_model_path, save_atomic, score_sequences)
+from rlhf.tracking import RunLog, say, seed_everything
+
+
+@dataclass
+class Config:
+    model: str = cfg.field("default", "starting model: the SFT folder, any causal-LM folder, or 'default'")
+    data: str = cfg.field("runs/pairs/pairs.jsonl", "preference pairs (prompt, chosen, rejected)")
+    output_dir: str = cfg.field("runs/reward", "where the reward model is written")
+    eval_fraction: float = cfg.field(0.1, "share of pairs held out to measure pairwise accuracy")
+    epochs: float = cfg.field(1.0, "passes over the training pairs")
+    batch_size: int = cfg.field(8, "pairs per optimiser step")
+    lr: float = cfg.field(2e-5, "peak learning rate")
+    weight_decay: float = cfg.field(0.0, "AdamW weight decay")
+    warmup_ratio: float = cfg.field(0.1, "fraction of steps warming the learning rate up")
+    margin_field: str = cfg.field("", "a numeric field of each pair used as the BT margin ('' = no margin)")
+    max_length: int = cfg.field(256, "longest prompt+response in tokens")
+    truncation: str = cfg.field("truncate", "longer pairs: truncate or skip")
+    bf16: bool = cfg.field(True, "bf16 autocast")
+    device: str = cfg.field("auto", "cpu, cuda or auto")
+    seed: int = cfg.field(0, "random seed")
+
+
+def main(config: Config) -> dict:
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    started = time.time()
+
+    # 1. the starting model with a fresh one-output head
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_reward_model(model_path, device, tokenizer)
+    pad_id = model.config.pad_token_id
+    say(f"[reward] from {model_path} on {device}")
+
+    # 2. pairs → tokenised conversations; identical or empty pairs carry no preference and are skipped
+    lengths = LengthPolicy(config.max_length, config.truncation)
+    pairs, identical, empty = [], 0, 0
+    for record in read_records(resolve_data_path(config.data)):
+        prompt, chosen, rejected = parse_preference(record)
+        if not chosen.strip() or not rejected.strip():
+            empty += 1
+            continue
+        if chosen.strip() == rejected.strip():
+            identical += 1
+            continue
+        margin = 0.0
+        if config.margin_field:
+            value = record.data.get(config.margin_field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{record.where(config.margin_field)}: expected a number for the margin, got {value!r}")
+            margin = float(value)
+        c = lengths.fit(encode_conversation(tokenizer, prompt, chosen))
+        r = lengths.fit(encode_conversation(tokenizer, prompt, rejected))
+        if c is not None and r is not None:
+            pairs.append((c, r, margin))
+    if len(pairs) < 2:
+        raise ValueError(f"{config.data}: need at least 2 usable pairs, found {len(pairs)} "
+                         f"({identical} identical, {empty} empty, {lengths.skipped} too long skipped)")
+    random.Random(config.seed).shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * config.eval_fraction)) if config.eval_fraction > 0 else 0
+    eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
+    say(f"[reward] {len(train_pairs)} train / {len(eval_pairs)} held-out pairs "
+        f"(skipped: {identical} identical, {empty} empty, {lengths.skipped} too long; {lengths.truncated} truncated)")
+
+    # 3. train with the Bradley–Terry loss; chosen and rejected go through one forward pass
+    steps = max(1, round(len(train_pairs) / config.batch_size * config.epochs))
+    optimizer, schedule = optimizer_and_schedule(model.parameters(), config.lr, config.weight_decay, steps,
+                                                 int(config.warmup_ratio * steps))
+    log = RunLog(out.parent / f"{out.name}_logs")
+    rng = random.Random(config.seed + 1)
+    order: list[int] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc="reward", unit="step")
+    for step in bar:
+        if len(order) < config.batch_size:
+            more = list(range(len(train_pairs)))
+            rng.shuffle(more)
+            order += more
+        batch = [train_pairs[i] for i in order[:min(config.batch_size, len(train_pairs))]]
+        del order[:len(batch)]
+        ids, attention = pad_right([c for c, _, _ in batch] + [r for _, r, _ in batch], pad_id)
+        with autocast(device, config.bf16):
+            scores = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits[:, 0].float()
+        margin = torch.tensor([m for _, _, m in batch], device=device) if config.margin_field else None
+        loss, stats = bradley_terry_loss(scores[: len(batch)], scores[len(batch):], margin)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = log.log(step, {"loss": loss.detach(), **stats, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+
+    # 4. held-out pairwise accuracy, and the score scale on the reference policy's own samples
+    def pairwise_accuracy(subset):
+        if not subset:
+            return float("nan")
+        s = score_sequences(model, [c for c, _, _ in subset] + [r for _, r, _ in subset], pad_id, device, config.bf16)
+        return (s[: len(subset)] > s[len(subset):]).float().mean().item()
+
+    eval_accuracy = pairwise_accuracy(eval_pairs)
+    reference_scores = score_sequences(model, [c for c, _, _ in train_pairs] + [r for _, r, _ in train_pairs], pad_id,
+                                       device, config.bf16)
+    train_accuracy = (reference_scores[: len(train_pairs)] > reference_scores[len(train_pairs):]).float().mean().item()
+    norm = {"mean": reference_scores.mean().item(), "std": max(reference_scores.std().item(), 1e-6),
+            "n": len(reference_scores), "note": "scores of the pairs' responses (reference-policy samples)"}
+    log.log(steps, {"eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy})
+    log.close()
+
+    # 5. save: a folder AutoModelForSequenceClassification loads, plus the normalisation
+    summary = {"stage": "reward", "steps": steps, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
+               "eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy, "skipped_identical": identical,
+               "skipped_empty": empty, "skipped_too_long": lengths.skipped, "truncated": lengths.truncated,
+               "seconds": round(time.time() - started, 1)}
+    save_atomic(out, model=model, tokenizer=tokenizer,
+                json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_reward_norm.json": norm,
+                            "rlhf_summary.json": summary})
+    say(f"[reward] held-out pairwise accuracy {eval_accuracy:.3f} on {len(eval_pairs)} pairs "
+        f"(train {train_accuracy:.3f}); saved {out} ({summary['seconds']} s)")
+    return summary

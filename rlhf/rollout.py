@@ -1,0 +1,123 @@
+"""Sampling responses: batched generation with a KV cache, truncation at the first EOS.
+
+A rollout keeps exactly the tensors that were sampled (left-padded prompts, right-padded responses)
+so that log-probabilities recomputed later see the same padding and positions as sampling did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.data import Messages, encode_prompt, pad_left, position_ids_from_mask
+from rlhf.models import autocast
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 for real prompt tokens
+    response_ids: torch.Tensor  # (B, R) right-padded with pad after the first EOS
+    response_mask: torch.Tensor  # (B, R) True for real response tokens, the first EOS included
+    ended: torch.Tensor  # (B,) True if the response emitted EOS within the token limit
+    texts: list[str]  # decoded responses, special tokens dropped
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(1)
+
+    def select(self, index: torch.Tensor | slice) -> "Rollout":
+        if isinstance(index, slice):
+            texts = self.texts[index]
+        else:
+            texts = [self.texts[i] for i in index.tolist()]
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
+                       self.response_mask[index], self.ended[index], texts)
+
+
+def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ (ids with pad after the first EOS, mask True up to and including it, ended (B,))."""
+    is_eos = response_ids == eos_id
+    ended = is_eos.any(dim=1)
+    # number of EOS seen strictly before each position: 0 means still inside the response
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    mask = eos_before == 0
+    ids = response_ids.masked_fill(~mask, pad_id)
+    return ids, mask, ended
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[Messages],
+    max_new_tokens: int,
+    temperature: float = 0.7,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    bf16: bool = True,
+    progress: bool = False,
+    greedy: bool = False,
+) -> Rollout:
+    """Sample one response per prompt. Prompts are batched `batch_size` at a time (big batches are
+    much faster on CPU: 270 tok/s at 96 vs 63 at 8), then stitched into one right-padded Rollout."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    pieces = []
+    chunks = range(0, len(encoded), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="sampling", unit="batch", leave=False)
+    for start in chunks:
+        prompt_ids, prompt_mask = pad_left(encoded[start:start + batch_size], tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+        with autocast(device, bf16):
+            out = model.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                temperature=temperature if not greedy else None,
+                top_p=top_p if not greedy else None,
+                top_k=0 if not greedy else None,  # sample from the full distribution: logprobs must match it
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+            )
+        pieces.append((prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:]))
+    prompt_width = max(p.shape[1] for p, _, _ in pieces)
+    response_width = max(1, max(r.shape[1] for _, _, r in pieces))
+    pad = tokenizer.pad_token_id
+    all_prompt, all_prompt_mask, all_response = [], [], []
+    for prompt_ids, prompt_mask, response in pieces:
+        left = prompt_width - prompt_ids.shape[1]
+        all_prompt.append(torch.nn.functional.pad(prompt_ids, (left, 0), value=pad))
+        all_prompt_mask.append(torch.nn.functional.pad(prompt_mask, (left, 0), value=0))
+        right = response_width - response.shape[1]
+        all_response.append(torch.nn.functional.pad(response, (0, right), value=pad))
+    response_ids, response_mask, ended = truncate_at_eos(torch.cat(all_response), tokenizer.eos_token_id, pad)
+    texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad), skip_special_tokens=True)
+    return Rollout(torch.cat(all_prompt), torch.cat(all_prompt_mask), response_ids, response_mask, ended,
+                   [t.strip() for t in texts])
+
+
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False):
+    """One forward pass with positions that skip left padding (as in `generate`)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=want_hidden,
+        use_cache=False,
+    )
+    return out.logits, (out.hidden_states[-1] if want_hidden else None)

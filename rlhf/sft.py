@@ -1,0 +1,121 @@
+"""Stage 1: supervised fine-tuning on prompt → response demonstrations.
+
+What: maximise the likelihood of the demonstrated answers, with the loss on the response tokens only
+(the prompt is context, not something to imitate), the model's chat template applied, and the
+answer closed by the EOS token so the model learns to stop.
+Paper: Ouyang et al. 2022 (InstructGPT), step 1.
+Our deviations: token-level mean loss over the batch; examples longer than `max_length` are cut from
+the prompt's left (or skipped) and counted, never a crash.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf import config as cfg
+from rlhf.data import LengthPolicy, encode_prompt, encode_response, pad_right, read_demonstrations, resolve_data_path
+from rlhf.losses import sft_loss
+from rlhf.models import (add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer, merged_for_saving,
+                         optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
+from rlhf.ops import logprobs_from_logits
+from rlhf.tracking import RunLog, say, seed_everything
+
+
+@dataclass
+class Config:
+    model: str = cfg.field("default", "a Hugging Face causal-LM folder, or 'default' for the embedded SmolLM2-135M-Instruct")
+    data: str = cfg.field("builtin:demonstrations", "demonstrations file (JSONL/JSON/CSV/Parquet) or builtin:demonstrations")
+    output_dir: str = cfg.field("runs/sft", "where the fine-tuned model is written")
+    epochs: float = cfg.field(1.0, "passes over the demonstrations (fractions allowed)")
+    batch_size: int = cfg.field(8, "examples per optimiser step")
+    lr: float = cfg.field(5e-5, "peak learning rate")
+    weight_decay: float = cfg.field(0.0, "AdamW weight decay")
+    warmup_ratio: float = cfg.field(0.1, "fraction of steps spent warming the learning rate up")
+    max_length: int = cfg.field(256, "longest prompt+response in tokens")
+    truncation: str = cfg.field("truncate", "what to do with longer examples: truncate or skip")
+    lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights)")
+    lora_alpha: int = cfg.field(16, "LoRA alpha")
+    bf16: bool = cfg.field(True, "bf16 autocast (CPU and CUDA)")
+    device: str = cfg.field("auto", "cpu, cuda or auto")
+    seed: int = cfg.field(0, "random seed")
+    log_every: int = cfg.field(1, "log metrics every N steps")
+
+
+def main(config: Config) -> dict:
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    started = time.time()
+
+    # 1. model and tokenizer
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    model = load_causal_lm(model_path, device)
+    if config.lora_r > 0:
+        model = add_lora(model, config.lora_r, config.lora_alpha)
+    trainable, total = count_parameters(model)
+    say(f"[sft] model {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trained) on {device}")
+
+    # 2. demonstrations → (prompt ids, response ids + EOS); loss only on the response part
+    lengths = LengthPolicy(config.max_length, config.truncation)
+    examples = []
+    for prompt, completion in read_demonstrations(resolve_data_path(config.data)):
+        fitted = lengths.fit_prompt_response(encode_prompt(tokenizer, prompt), encode_response(tokenizer, completion))
+        if fitted is not None and fitted[1]:
+            examples.append(fitted)
+    if not examples:
+        raise ValueError(f"{config.data}: no usable demonstrations (skipped {lengths.skipped} longer than max_length)")
+    say(f"[sft] {len(examples)} demonstrations ({lengths.truncated} truncated, {lengths.skipped} skipped at max_length={config.max_length})")
+
+    # 3. train
+    steps_per_epoch = max(1, len(examples) // config.batch_size)
+    total_steps = max(1, round(steps_per_epoch * config.epochs))
+    optimizer, schedule = optimizer_and_schedule(model.parameters(), config.lr, config.weight_decay, total_steps,
+                                                 int(config.warmup_ratio * total_steps))
+    log = RunLog(out.parent / f"{out.name}_logs")
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(total_steps), desc="sft", unit="step")
+    for step in bar:
+        if len(order) < config.batch_size:
+            more = list(range(len(examples)))
+            rng.shuffle(more)
+            order += more
+        batch = [examples[i] for i in order[:config.batch_size]]
+        del order[:config.batch_size]
+        ids, attention = pad_right([p + r for p, r in batch], tokenizer.pad_token_id)
+        # response_mask marks the positions whose token the loss asks the model to predict
+        response_mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (p, r) in enumerate(batch):
+            response_mask[i, len(p):len(p) + len(r)] = True
+        ids, attention, response_mask = ids.to(device), attention.to(device), response_mask.to(device)
+        with autocast(device, config.bf16):
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+        logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
+        loss, stats = sft_loss(logprobs, response_mask[:, 1:])
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.log_every == 0 or step == total_steps - 1:
+            row = log.log(step, {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm,
+                                 "lr": schedule.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+    log.close()
+
+    # 4. save a Hugging Face folder atomically, with the resolved config beside the weights
+    summary = {"stage": "sft", "steps": total_steps, "final_loss": float(stats["nll"]),
+               "examples": len(examples), "truncated": lengths.truncated, "skipped": lengths.skipped,
+               "seconds": round(time.time() - started, 1)}
+    save_atomic(out, model=merged_for_saving(model), tokenizer=tokenizer,
+                json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
+    say(f"[sft] saved {out} (loss {summary['final_loss']:.3f}, {summary['seconds']} s)")
+    return summary

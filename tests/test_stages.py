@@ -1,0 +1,156 @@
+"""Each stage for two steps on a tiny random model: finite losses, the trained model changed, frozen models untouched."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import pairs, ppo, reward, sft
+from rlhf import models as models_module
+
+DEMOS = [
+    {"prompt": "Explain rain to a 10-year-old.", "completion": "Rain is water that falls from clouds."},
+    {"messages": [{"role": "user", "content": "Explain wind to a 10-year-old."},
+                  {"role": "assistant", "content": "Wind is air that moves from place to place."}]},
+    {"prompt": "Explain snow to a 10-year-old.", "completion": "Snow is frozen rain made of tiny ice crystals."},
+    {"prompt": "Explain the sun to a 10-year-old.", "completion": "The sun is a huge ball of hot gas."},
+]
+PROMPTS = [{"prompt": f"Explain {t} to a 10-year-old."} for t in
+           ["rain", "wind", "snow", "the sun", "the moon", "clouds", "rivers", "trees"]]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def changed(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a if k in b)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    rows = []
+    for i, p in enumerate(PROMPTS):
+        rows.append({"prompt": p["prompt"], "chosen": f"A short clear answer number {i}.",
+                     "rejected": f"answer answer answer {i} that never ends and"})
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_two_steps_changes_weights(tiny_model, write_jsonl, tmp_path):
+    data = write_jsonl("demos.jsonl", DEMOS)
+    out = tmp_path / "sft"
+    summary = sft.main(sft.Config(model=str(tiny_model), data=str(data), output_dir=str(out), epochs=1.0,
+                                  batch_size=2, lr=1e-3, bf16=False))
+    assert summary["steps"] == 2
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert changed(weights(tiny_model), weights(out))
+    assert json.loads((out / "rlhf_config.json").read_text())["lr"] == 1e-3
+    rows = [json.loads(l) for l in (tmp_path / "sft_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
+
+
+def test_sft_with_lora_saves_a_merged_plain_model(tiny_model, write_jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl("demos.jsonl", DEMOS)
+    out = tmp_path / "sft_lora"
+    sft.main(sft.Config(model=str(tiny_model), data=str(data), output_dir=str(out), epochs=1.0, batch_size=2,
+                        lr=1e-2, lora_r=4, bf16=False))
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert changed(weights(tiny_model), weights(out))
+
+
+def test_pairs_writes_preferences_and_candidates(tiny_model, write_jsonl, tmp_path):
+    prompts = write_jsonl("prompts.jsonl", PROMPTS[:4])
+    summary = pairs.main(pairs.Config(model=str(tiny_model), data=str(prompts), output_dir=str(tmp_path / "p"),
+                                      n_responses=3, max_new_tokens=8, bf16=False))
+    rows = [json.loads(l) for l in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+    # 4 prompts x C(3,2)=3 pairs, minus any identical answers (counted)
+    assert len(rows) + summary["identical_skipped"] == 12
+    assert all({"prompt", "chosen", "rejected"} <= set(r) for r in rows)
+    pairs.main(pairs.Config(model=str(tiny_model), data=str(prompts), output_dir=str(tmp_path / "c"),
+                            max_new_tokens=8, annotator="none", bf16=False))
+    cands = [json.loads(l) for l in (tmp_path / "c" / "candidates.jsonl").read_text().splitlines()]
+    assert len(cands) == 4 and all(len(c["responses"]) == 2 for c in cands)
+
+
+def test_reward_two_steps(tiny_model, pairs_file, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "rm"
+    summary = reward.main(reward.Config(model=str(tiny_model), data=str(pairs_file), output_dir=str(out),
+                                        batch_size=3, eval_fraction=0.25, lr=1e-3, bf16=False))
+    assert summary["steps"] == 2 and summary["eval_pairs"] == 2
+    rows = [json.loads(l) for l in (tmp_path / "rm_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    norm = json.loads((out / "rlhf_reward_norm.json").read_text())
+    assert norm["std"] > 0
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.num_labels == 1
+    base = weights(tiny_model)
+    trained = weights(out)
+    assert any(not torch.equal(base[k], trained[k]) for k in base if k.startswith("model.") and k in trained) or \
+        any(not torch.equal(base["model." + k], trained[k]) for k in trained if "model." + k in base)
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model, pairs_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    reward.main(reward.Config(model=str(tiny_model), data=str(pairs_file), output_dir=str(out), batch_size=4,
+                              lr=1e-3, bf16=False))
+    return out
+
+
+def _spy_loaders(monkeypatch):
+    """Record every model ppo.main loads, to check the frozen ones after training."""
+    loaded = {"causal": [], "reward": []}
+    real_causal, real_reward = models_module.load_causal_lm, models_module.load_reward_model
+
+    def causal(*args, **kwargs):
+        model = real_causal(*args, **kwargs)
+        loaded["causal"].append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    def reward_model(*args, **kwargs):
+        model = real_reward(*args, **kwargs)
+        loaded["reward"].append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(ppo, "load_causal_lm", causal)
+    monkeypatch.setattr(ppo, "load_reward_model", reward_model)
+    return loaded
+
+
+@pytest.mark.parametrize("lora_r,kl_estimator,target_kl", [(0, "k1", 0.0), (4, "k3", 1.0)])
+def test_ppo_two_steps(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatch, lora_r, kl_estimator, target_kl):
+    prompts = write_jsonl("prompts.jsonl", PROMPTS)
+    loaded = _spy_loaders(monkeypatch)
+    out = tmp_path / "ppo"
+    summary = ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts),
+                                  output_dir=str(out), steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=8,
+                                  lr=1e-3, lora_r=lora_r, kl_estimator=kl_estimator, target_kl=target_kl,
+                                  bf16=False, gold=False))
+    rows = [json.loads(l) for l in (tmp_path / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for key in ("score", "kl", "beta", "entropy", "clipfrac", "value_loss", "policy_loss", "response_length"):
+        assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows), key
+    if target_kl:
+        assert summary["final_beta"] != 0.05  # the adaptive controller moved β
+    # the trained policy changed; the reference and the reward model did not
+    assert changed(weights(tiny_model), weights(out))
+    assert (out / "value_head.safetensors").is_file()
+    policy, *frozen = loaded["causal"]
+    assert len(frozen) == (0 if lora_r else 1)
+    for model, before in frozen + loaded["reward"]:
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    if lora_r:  # the reference is the base weights with the adapter off: they must be untouched
+        model, before = policy
+        base = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+        untouched = [k for k in before if k in base]
+        assert untouched and all(torch.equal(before[k], base[k]) for k in untouched)
