@@ -169,6 +169,15 @@ def parse_preference(record: Record) -> tuple[Messages, str, str]:
     return prompt, chosen, rejected
 
 
+def no_preference(chosen: str, rejected: str) -> str | None:
+    """Why a pair carries no preference: 'empty' (a blank answer) or 'identical' (the same answer twice); else None."""
+    if not chosen.strip() or not rejected.strip():
+        return "empty"
+    if chosen.strip() == rejected.strip():
+        return "identical"
+    return None
+
+
 def read_prompts(path: str | Path) -> list[Messages]:
     return [parse_prompt(r) for r in read_records(path)]
 
