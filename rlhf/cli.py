@@ -13,10 +13,16 @@ COMMANDS = {
     "pairs": ("rlhf.pairs", "sample responses and have the annotator choose → preference pairs (--data prompts.jsonl)"),
     "reward": ("rlhf.reward", "train a Bradley–Terry reward model (--data pairs.jsonl)"),
     "ppo": ("rlhf.ppo", "PPO with a KL penalty against the reward model (--data prompts.jsonl)"),
+    "dpo": ("rlhf.dpo", "DPO / IPO / cDPO / SimPO on preference pairs, no reward model (--data pairs.jsonl)"),
     "pipeline": ("rlhf.pipeline", "SFT → pairs → reward → PPO → evaluation in one run folder"),
-    "eval": ("rlhf.evaluate", "held-out gold score, win rate, KL and length of checkpoints (--models a,b)"),
+    "eval": ("rlhf.evaluate", "held-out gold and reward-model score, win rate, KL, length, repetition, refusals (--models a,b)"),
+    "report": ("rlhf.report", "one self-contained HTML page of a run: curves, before/after, answers (rlhf report RUN_DIR)"),
+    "study": ("rlhf.study", "kl-sweep: PPO at several β from one SFT + reward model; gold and RM score vs KL (--run_dir RUN)"),
     "chat": ("rlhf.chat", "talk to a checkpoint in the terminal (--model DIR)"),
     "annotate": ("rlhf.annotate.cli", "the preference-annotation web app: import, serve, add-user, export"),
+    "label": ("rlhf.label", "AI labels: a judge chooses between responses → preference pairs (--judge J --data candidates.jsonl --out prefs.jsonl)"),
+    "serve": ("rlhf.serve", "an OpenAI-compatible chat-completions server for a checkpoint (rlhf serve MODEL_DIR --port P)"),
+    "constitutional": ("rlhf.constitutional", "Constitutional AI: revise → SFT → AI preferences → DPO/PPO (subcommands: revise, prefs, eval)"),
 }
 
 USAGE = """usage: rlhf <command> [--config FILE.yaml] [--key value ...]
@@ -37,21 +43,25 @@ def usage() -> str:
 
 
 def parse_stage_args(command: str, cls: type, argv: list[str]):
-    """--config FILE (flat keys, or the command's own section of a pipeline file) + --key value overrides."""
+    """--config FILE (flat keys, or the command's own section of a pipeline file) + --key value overrides.
+
+    For `rlhf constitutional revise` the section is the subcommand's (`revise`).
+    """
     from rlhf import config as cfg
 
+    section_name = command.split()[-1]
     values: dict = {}
     rest = []
     i = 0
     while i < len(argv):
         if argv[i] == "--config" and i + 1 < len(argv):
             data = cfg.read_yaml(argv[i + 1])
-            section = data.get(command)
+            section = data.get(section_name)
             values.update(section if isinstance(section, dict) and command != "pipeline" else data)
             i += 2
         elif argv[i].startswith("--config="):
             data = cfg.read_yaml(argv[i].split("=", 1)[1])
-            section = data.get(command)
+            section = data.get(section_name)
             values.update(section if isinstance(section, dict) and command != "pipeline" else data)
             i += 1
         else:
@@ -83,13 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf import config as cfg
     from rlhf.data import DataError
 
+    config_cls, run = module.Config, module.main
+    subcommands = getattr(module, "SUBCOMMANDS", {})  # `rlhf constitutional revise ...`: (Config, function)
+    if rest and rest[0] in subcommands:
+        command = f"{command} {rest[0]}"
+        config_cls, run = subcommands[rest.pop(0)]
+    positional = getattr(module, "POSITIONAL", "")  # `rlhf serve MODEL_DIR` means `--model MODEL_DIR`
+    if positional and rest and not rest[0].startswith("-"):
+        rest = [f"--{positional}", *rest]
     if "-h" in rest or "--help" in rest:
-        print(f"usage: rlhf {command} [--config FILE.yaml] [--key value ...]\n\n{COMMANDS[command][1]}\n\nkeys:")
-        print(cfg.describe(module.Config))
+        print(f"usage: rlhf {command} [--config FILE.yaml] [--key value ...]\n\n{COMMANDS[command.split()[0]][1]}\n\nkeys:")
+        print(cfg.describe(config_cls))
+        if subcommands and " " not in command:
+            print(f"\nsubcommands: {', '.join(subcommands)} (rlhf {command} SUBCOMMAND --help)")
         return 0
     try:
-        config = parse_stage_args(command, module.Config, rest)
-        module.main(config)
+        config = parse_stage_args(command, config_cls, rest)
+        run(config)
     except (cfg.ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"rlhf {command}: error: {e}", file=sys.stderr)
         return 2

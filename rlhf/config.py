@@ -46,7 +46,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is list:
         (item_type,) = typing.get_args(annotation) or (Any,)
         if isinstance(value, str):  # `--key a,b,c` on the command line
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [parse_scalar(v.strip()) for v in value.split(",") if v.strip()]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # `--betas 0.1`: a list of one
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]

@@ -8,6 +8,10 @@
 - ``ppo_policy_loss``: clipped surrogate objective.
 - ``ppo_value_loss``: clipped value-function loss.
 - ``adaptive_kl_beta``: the proportional KL controller of Ziegler et al. (2019).
+- ``dpo_loss``: direct preference optimisation -log σ(β·h), h the chosen-minus-rejected log-ratio.
+- ``ipo_loss``: identity preference optimisation (h - 1/(2β))².
+- ``cdpo_loss``: conservative DPO, DPO with label smoothing ε (a share ε of labels assumed flipped).
+- ``simpo_loss``: reference-free, length-normalised -log σ(β·(c - r) - γ).
 
 Masked helpers (``masked_mean``, ``whiten``, ...) live in ``rlhf.ops``.
 
@@ -223,3 +227,101 @@ def adaptive_kl_beta(
     if not math.isfinite(new_beta):
         raise ValueError(f"adaptive_kl_beta produced {new_beta}")
     return new_beta
+
+
+# --- preference optimisation: DPO and its variants ---------------------------------------------------
+# Inputs are per-pair sequence log-probabilities ``(B,)``: the policy's ``chosen_logprobs`` /
+# ``rejected_logprobs`` (with grad) and, except for SimPO, the frozen reference's ``ref_chosen_logprobs`` /
+# ``ref_rejected_logprobs`` (detached inside). The implicit reward of a response is β·(log π - log π_ref)
+# (SimPO: β·mean log π). Shared stats: ``accuracy`` (fraction with chosen reward > rejected reward;
+# ties count as wrong), ``margin`` (mean chosen - rejected reward), ``chosen_reward``,
+# ``rejected_reward``, ``chosen_logprobs``, ``rejected_logprobs`` (means).
+
+
+def _preference_stats(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                      chosen_logprobs: torch.Tensor, rejected_logprobs: torch.Tensor) -> Stats:
+    with torch.no_grad():
+        return {
+            "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "margin": (chosen_rewards - rejected_rewards).mean(),
+            "chosen_reward": chosen_rewards.mean(),
+            "rejected_reward": rejected_rewards.mean(),
+            "chosen_logprobs": chosen_logprobs.mean(),
+            "rejected_logprobs": rejected_logprobs.mean(),
+        }
+
+
+def dpo_loss(
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
+    beta: float = 0.1,
+) -> Tuple[torch.Tensor, Stats]:
+    """DPO (Rafailov et al. 2023): mean over pairs of -log σ(β·h).
+
+    h = [log π(c) - log π_ref(c)] - [log π(r) - log π_ref(r)]; all inputs ``(B,)`` summed log-probs of
+    the response tokens. At initialisation (π = π_ref) h = 0 and the loss is log 2 on any batch.
+    """
+    chosen_rewards = beta * (chosen_logprobs - ref_chosen_logprobs.detach())
+    rejected_rewards = beta * (rejected_logprobs - ref_rejected_logprobs.detach())
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, _preference_stats(chosen_rewards, rejected_rewards, chosen_logprobs, rejected_logprobs)
+
+
+def ipo_loss(
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
+    beta: float = 0.1,
+) -> Tuple[torch.Tensor, Stats]:
+    """IPO (Azar et al. 2023, eq. 17): mean over pairs of (h - 1/(2β))², β the paper's τ.
+
+    h as in ``dpo_loss``; inputs ``(B,)``. A squared loss regresses the log-ratio gap to a fixed
+    target 1/(2β) instead of pushing it to infinity, so it does not overfit deterministic preferences.
+    The IPO authors (and TRL) feed per-token mean log-probs here, not sums: the target then does not
+    depend on the response length. This function takes whichever the caller passes.
+    """
+    chosen_ratio = chosen_logprobs - ref_chosen_logprobs.detach()
+    rejected_ratio = rejected_logprobs - ref_rejected_logprobs.detach()
+    loss = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)).pow(2).mean()
+    return loss, _preference_stats(beta * chosen_ratio, beta * rejected_ratio, chosen_logprobs, rejected_logprobs)
+
+
+def cdpo_loss(
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    ref_chosen_logprobs: torch.Tensor,
+    ref_rejected_logprobs: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+) -> Tuple[torch.Tensor, Stats]:
+    """Conservative DPO (Mitchell 2023): mean of -(1-ε)·log σ(β·h) - ε·log σ(-β·h).
+
+    The DPO loss when a share ε of the preference labels is assumed flipped; ε = 0 is ``dpo_loss``.
+    The optimum is at a finite gap (σ(β·h) = 1 - ε) instead of h → ∞. Inputs ``(B,)`` as in ``dpo_loss``.
+    """
+    chosen_rewards = beta * (chosen_logprobs - ref_chosen_logprobs.detach())
+    rejected_rewards = beta * (rejected_logprobs - ref_rejected_logprobs.detach())
+    logits = chosen_rewards - rejected_rewards
+    loss = (-(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)).mean()
+    return loss, _preference_stats(chosen_rewards, rejected_rewards, chosen_logprobs, rejected_logprobs)
+
+
+def simpo_loss(
+    chosen_logprobs: torch.Tensor,
+    rejected_logprobs: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+) -> Tuple[torch.Tensor, Stats]:
+    """SimPO (Meng et al. 2024): mean over pairs of -log σ(β·c - β·r - γ), no reference model.
+
+    chosen_logprobs, rejected_logprobs ``(B,)`` are *mean* log-probs per response token (the length
+    normalisation keeps long answers from winning by length); γ is the target reward margin. With
+    c = r the loss is log(1 + e^γ), not log 2: the margin asks for a gap from the start.
+    """
+    chosen_rewards = beta * chosen_logprobs
+    rejected_rewards = beta * rejected_logprobs
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma).mean()
+    return loss, _preference_stats(chosen_rewards, rejected_rewards, chosen_logprobs, rejected_logprobs)

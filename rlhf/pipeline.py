@@ -1,5 +1,8 @@
 """Stages 1 → 2 → 3 (SFT, preference pairs, reward model, PPO) and the held-out evaluation, in one run folder.
 
+`method` picks the road from the preference pairs: `ppo` (reward model, then PPO), `dpo` (DPO on the
+pairs directly) or `both` (both roads from the same SFT model and pairs, compared in one table).
+
 Each stage writes a marker with its resolved config when it finishes. Running the pipeline again skips
 a stage whose marker matches its config; a stage that reruns makes every later stage rerun too.
 """
@@ -12,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import config as cfg
-from rlhf import evaluate, pairs, ppo, reward, sft
+from rlhf import dpo, evaluate, pairs, ppo, reward, sft
 from rlhf.tracking import say
 
-STAGES = {"sft": sft.Config, "pairs": pairs.Config, "reward": reward.Config, "ppo": ppo.Config, "eval": evaluate.Config}
+STAGES = {"sft": sft, "pairs": pairs, "reward": reward, "ppo": ppo, "dpo": dpo, "eval": evaluate}
+ROADS = {"ppo": ("reward", "ppo"), "dpo": ("dpo",)}
+METHODS = {"ppo": ["ppo"], "dpo": ["dpo"], "both": ["ppo", "dpo"]}
+NAMES = {"sft": "SFT", "ppo": "PPO", "dpo": "DPO"}
 
 
 @dataclass
@@ -28,15 +34,20 @@ class Config:
     device: str = cfg.field("auto", "cpu, cuda or auto (every stage)")
     bf16: bool = cfg.field(True, "bf16 autocast (every stage)")
     seed: int = cfg.field(0, "random seed (every stage)")
+    method: str = cfg.field("ppo", "the road from the pairs: ppo (reward model + PPO), dpo, or both")
     sft: dict = cfg.field({}, "settings of the SFT stage (see `rlhf sft --help`)")
     pairs: dict = cfg.field({}, "settings of the pairs stage (see `rlhf pairs --help`)")
     reward: dict = cfg.field({}, "settings of the reward stage (see `rlhf reward --help`)")
     ppo: dict = cfg.field({}, "settings of the PPO stage (see `rlhf ppo --help`)")
+    dpo: dict = cfg.field({}, "settings of the DPO stage (see `rlhf dpo --help`)")
     eval: dict = cfg.field({}, "settings of the evaluation (see `rlhf eval --help`)")
 
 
 def stage_configs(config: Config) -> dict[str, Any]:
-    """Each stage's config: the user's section, with the wiring between stages filled in."""
+    """Each stage's config (only the stages `method` needs): the user's section, with the wiring filled in."""
+    if config.method not in METHODS:
+        raise cfg.ConfigError(f"pipeline: method must be one of {', '.join(METHODS)}, got '{config.method}'")
+    roads = METHODS[config.method]
     run = Path(config.output_dir)
     shared = {"device": config.device, "bf16": config.bf16}
     wiring = {
@@ -46,10 +57,15 @@ def stage_configs(config: Config) -> dict[str, Any]:
                    "seed": config.seed},
         "ppo": {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": config.prompts,
                 "output_dir": str(run / "ppo"), "seed": config.seed},
-        "eval": {"models": [str(run / "sft"), str(run / "ppo")], "data": config.eval_prompts, "output_dir": str(run / "eval")},
+        "dpo": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "dpo"),
+                "seed": config.seed},
+        "eval": {"models": [str(run / name) for name in ["sft"] + roads], "data": config.eval_prompts,
+                 "output_dir": str(run / "eval"), "reward_model": str(run / "reward") if "ppo" in roads else ""},
     }
+    wanted = ["sft", "pairs"] + [stage for road in roads for stage in ROADS[road]] + ["eval"]
     built = {}
-    for name, cls in STAGES.items():
+    for name in wanted:
+        cls = STAGES[name].Config
         section = getattr(config, name)
         wired = set(wiring[name]) - {"seed"}
         clash = wired & set(section)
@@ -67,10 +83,9 @@ def main(config: Config) -> dict:
     markers = run / "stages"
     markers.mkdir(exist_ok=True)
     configs = stage_configs(config)
-    modules = {"sft": sft, "pairs": pairs, "reward": reward, "ppo": ppo, "eval": evaluate}
     results: dict[str, Any] = {}
     rerun_rest = False
-    names = {str(run / "sft"): "SFT", str(run / "ppo"): "PPO"}
+    names = {str(run / stage): label for stage, label in NAMES.items()}
     for name, stage_config in configs.items():
         marker = markers / f"{name}.json"
         wanted = cfg.to_dict(stage_config)
@@ -85,11 +100,22 @@ def main(config: Config) -> dict:
         if name == "eval":
             result = evaluate.main(stage_config, names=names)
         else:
-            result = modules[name].main(stage_config)
+            result = STAGES[name].main(stage_config)
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(json.dumps({"config": wanted, "result": result}, indent=2, default=str))
         tmp.replace(marker)
         results[name] = result
     if not rerun_rest:  # nothing ran this time: show the finished run's table again
         say(evaluate.format_result(results["eval"], names=names))
+    say(road_times(results, METHODS[config.method]))
     return results
+
+
+def road_times(results: dict[str, Any], roads: list[str]) -> str:
+    """Wall time of each road from the shared SFT model and pairs (the part where the roads differ)."""
+    parts = []
+    for road in roads:
+        seconds = sum((results.get(stage) or {}).get("seconds", 0.0) for stage in ROADS[road])
+        parts.append(f"{NAMES[road]}: {seconds / 60:.1f} min ({' + '.join(ROADS[road])})")
+    shared = sum((results.get(stage) or {}).get("seconds", 0.0) for stage in ("sft", "pairs"))
+    return f"Wall time of each road after the shared SFT and pairs ({shared / 60:.1f} min): " + "; ".join(parts)

@@ -10,6 +10,10 @@ Our deviations: the critic is a zero-initialised linear value head on the policy
 (the cheap option on one CPU: one forward pass gives logits and values) instead of a separate model
 started from the reward model; the reference is the same weights with the LoRA adapter off when
 LoRA is on. Scores are normalised with the mean/std the reward stage measured on reference samples.
+Reward-hacking monitor: every `monitor_every` steps the policy answers a fixed held-out batch (same prompts,
+same sampling seed), which the gold judge and the reward model both score; the scores are only logged, and
+a WARNING is printed when the reward model's score keeps rising while the gold score falls, or when the
+answers' length or repetition drift.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from rlhf import config as cfg
 from rlhf import losses
 from rlhf.data import LengthPolicy, Messages, encode_conversation, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.evaluate import hacking_warnings, load_judge, monitor_check, reward_scorer
 from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_reward_model,
                          load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
                          pick_device, resolve_model_path, save_atomic, score_sequences)
@@ -62,6 +67,14 @@ class Config:
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
     gold: bool = cfg.field(True, "also score rollouts with the built-in gold annotator, for logging only")
+    monitor_every: int = cfg.field(4, "reward-hacking monitor: score a fixed held-out batch every N steps (and at the "
+                                      "last) with the judge and the reward model, for logging only (0 = off)")
+    monitor_prompts: str = cfg.field("builtin:prompts_heldout", "the monitor's held-out prompts")
+    monitor_size: int = cfg.field(32, "how many of them the monitor uses (the first N)")
+    monitor_judge: str = cfg.field("gold", "the monitor's judge: 'gold' (the built-in simulated annotator) or a reward-model folder")
+    monitor_window: int = cfg.field(3, "warn when the reward model's score rose at each of the last N checks while the gold score fell")
+    monitor_length_drift: float = cfg.field(0.5, "warn when the mean answer length moves more than this share from the first check")
+    monitor_distinct_drift: float = cfg.field(0.15, "warn when distinct-2 falls more than this share from the first check")
     sample_every: int = cfg.field(5, "write sample responses every N steps")
     generation_batch_size: int = cfg.field(64, "prompts sampled at once")
     bf16: bool = cfg.field(True, "bf16 autocast")
@@ -134,6 +147,20 @@ def main(config: Config) -> dict:
     if not prompts:
         raise ValueError(f"{config.data}: no prompts left (skipped {lengths.skipped} over max_prompt_length)")
     say(f"[ppo] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at max_prompt_length={config.max_prompt_length})")
+
+    # the reward-hacking monitor: a fixed held-out batch, its judge, and the reward model as a plain scorer
+    monitor_prompts: list[Messages] = []
+    if config.monitor_every:
+        fit = LengthPolicy(config.max_prompt_length, config.truncation)
+        for messages in read_prompts(resolve_data_path(config.monitor_prompts))[:config.monitor_size]:
+            fitted = fit.fit_prompt_messages(tokenizer, messages)
+            if fitted is not None:
+                monitor_prompts.append(fitted)
+        judge = load_judge(config.monitor_judge, device, config.bf16, annotator=gold)
+        monitor_reward = reward_scorer(reward_model, reward_tokenizer, device, config.bf16)
+        say(f"[ppo] monitor: {len(monitor_prompts)} held-out prompts every {config.monitor_every} steps, judge '{config.monitor_judge}'")
+    checks: list[dict] = []
+    monitor_samples: list[dict] = []
 
     updates_per_step = config.ppo_epochs * (config.batch_size // config.mini_batch_size)
     optimizer, schedule = optimizer_and_schedule(
@@ -233,6 +260,21 @@ def main(config: Config) -> dict:
         if gold is not None:
             gold_scores = gold.gold_scores([prompt_text(p) for p in batch_prompts], rollout.texts)
             metrics["gold_score"] = sum(gold_scores) / len(gold_scores)
+
+        # 7. reward-hacking monitor: the same held-out prompts and sampling seed at every check (this step's updated
+        #    policy), scored by the judge and the reward model. It only logs: nothing here reaches the loss, and its
+        #    sampling runs in a forked RNG, so training goes exactly as with the monitor off.
+        if monitor_prompts and (step % config.monitor_every == 0 or step == config.steps - 1):
+            check, shown = monitor_check(policy, tokenizer, monitor_prompts, judge, monitor_reward, config.max_new_tokens,
+                                         config.temperature, config.generation_batch_size, config.bf16, config.seed)
+            checks.append(check)
+            alarms = hacking_warnings(checks, config.monitor_window, config.monitor_length_drift, config.monitor_distinct_drift)
+            for alarm in alarms:
+                say(f"[ppo] WARNING (monitor, step {step}): {alarm}")
+            metrics.update({f"monitor/{k}": v for k, v in check.items()})
+            metrics.update({"monitor/warning": float(bool(alarms)), **({"monitor/warnings": alarms} if alarms else {})})
+            monitor_samples += [{"step": step, **s} for s in shown]
+            write_jsonl(log.out_dir / "monitor_samples.jsonl", monitor_samples)
         row = log.log(step, metrics)
         history.append(row)
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
@@ -243,7 +285,7 @@ def main(config: Config) -> dict:
                                 **({"gold": round(gold_scores[i], 3)} if gold_scores else {})})
     log.close()
 
-    # 7. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it
+    # 8. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it
     summary = {"stage": "ppo", "steps": config.steps, "final_beta": beta,
                "first": {k: history[0].get(k) for k in ("score", "kl", "gold_score", "response_length")},
                "last": {k: history[-1].get(k) for k in ("score", "kl", "gold_score", "response_length")},

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from rlhf import config as cfg
-from rlhf.data import LengthPolicy, encode_conversation, pad_right, parse_preference, read_records, resolve_data_path
+from rlhf.data import (LengthPolicy, encode_conversation, no_preference, pad_right, parse_preference, read_records,
+                       resolve_data_path)
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import (autocast, load_reward_model, load_tokenizer, optimizer_and_schedule, pick_device,
                          resolve_model_path, save_atomic, score_sequences)
@@ -61,14 +62,12 @@ def main(config: Config) -> dict:
 
     # 2. pairs → tokenised conversations; identical or empty pairs carry no preference and are skipped
     lengths = LengthPolicy(config.max_length, config.truncation)
-    pairs, identical, empty = [], 0, 0
+    pairs, skipped = [], {"empty": 0, "identical": 0}
     for record in read_records(resolve_data_path(config.data)):
         prompt, chosen, rejected = parse_preference(record)
-        if not chosen.strip() or not rejected.strip():
-            empty += 1
-            continue
-        if chosen.strip() == rejected.strip():
-            identical += 1
+        reason = no_preference(chosen, rejected)
+        if reason:
+            skipped[reason] += 1
             continue
         margin = 0.0
         if config.margin_field:
@@ -82,12 +81,12 @@ def main(config: Config) -> dict:
             pairs.append((c, r, margin))
     if len(pairs) < 2:
         raise ValueError(f"{config.data}: need at least 2 usable pairs, found {len(pairs)} "
-                         f"({identical} identical, {empty} empty, {lengths.skipped} too long skipped)")
+                         f"({skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long skipped)")
     random.Random(config.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * config.eval_fraction)) if config.eval_fraction > 0 else 0
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     say(f"[reward] {len(train_pairs)} train / {len(eval_pairs)} held-out pairs "
-        f"(skipped: {identical} identical, {empty} empty, {lengths.skipped} too long; {lengths.truncated} truncated)")
+        f"(skipped: {skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long; {lengths.truncated} truncated)")
 
     # 3. train with the Bradley–Terry loss; chosen and rejected go through one forward pass
     steps = max(1, round(len(train_pairs) / config.batch_size * config.epochs))
@@ -137,8 +136,8 @@ def main(config: Config) -> dict:
 
     # 5. save: a folder AutoModelForSequenceClassification loads, plus the normalisation
     summary = {"stage": "reward", "steps": steps, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-               "eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy, "skipped_identical": identical,
-               "skipped_empty": empty, "skipped_too_long": lengths.skipped, "truncated": lengths.truncated,
+               "eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy, "skipped_identical": skipped["identical"],
+               "skipped_empty": skipped["empty"], "skipped_too_long": lengths.skipped, "truncated": lengths.truncated,
                "seconds": round(time.time() - started, 1)}
     save_atomic(out, model=model, tokenizer=tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_reward_norm.json": norm,

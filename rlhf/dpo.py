@@ -1,0 +1,275 @@
+"""DPO: the policy learns from the preference pairs directly, with no reward model and no sampling.
+
+What: for each pair, h = [log π(chosen) − log π_ref(chosen)] − [log π(rejected) − log π_ref(rejected)],
+with log-probs summed over the response tokens (the answer + EOS, as `rlhf sft` encodes it), and the
+loss −log σ(β·h) raises the chosen answer against the rejected one, measured from the frozen reference
+(the SFT model). β·(log π − log π_ref) is the implicit reward: its accuracy and margin on held-out
+pairs say how well the policy learned the preferences. Variants (`--loss`): IPO (a squared loss to a
+fixed gap), conservative DPO (label smoothing), SimPO (no reference, length-normalised, with a margin).
+Papers: Rafailov et al. 2023 (DPO); Azar et al. 2023 (IPO); Mitchell 2023 (cDPO); Meng et al. 2024 (SimPO).
+Our deviations: chosen and rejected go through one forward pass, and logits are computed only from the
+shortest prompt's end on (earlier positions predict prompt tokens, which nothing scores). With LoRA the
+reference is the same weights with the adapter off; with `precompute_reference` the reference
+log-probs of every pair come from one pass before training and the reference model is freed. IPO is fed
+per-token mean log-probs (as its authors and TRL do), SimPO too (as in its paper); DPO and cDPO sums.
+A pair longer than `max_length` keeps one prompt for both answers (cut against the longer answer).
+Pairs with identical or empty answers carry no preference: they are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf import config as cfg
+from rlhf import losses
+from rlhf.data import (LengthPolicy, encode_prompt, encode_response, no_preference, pad_right, parse_preference,
+                       read_records, resolve_data_path)
+from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer,
+                         merged_for_saving, optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
+from rlhf.ops import logprobs_from_logits, masked_sum
+from rlhf.tracking import RunLog, say, seed_everything
+
+Pair = tuple[list[int], list[int], list[int]]  # prompt ids, chosen ids, rejected ids
+
+
+@dataclass
+class Config:
+    model: str = cfg.field("default", "the SFT model the policy starts from: a folder, 'default' (embedded SmolLM2) or 'tiny'")
+    reference: str = cfg.field("", "the frozen reference model ('' = the same as model; with LoRA, the adapter switched off)")
+    data: str = cfg.field("runs/pairs/pairs.jsonl", "preference pairs (prompt, chosen, rejected; strings or message lists)")
+    output_dir: str = cfg.field("runs/dpo", "where the trained policy is written")
+    loss: str = cfg.field("dpo", "dpo, ipo, cdpo (label smoothing) or simpo (reference-free)")
+    beta: float = cfg.field(0.1, "β of dpo, ipo (its τ) and cdpo: how far the policy may move from the reference")
+    label_smoothing: float = cfg.field(0.1, "cdpo: assumed share of flipped preference labels")
+    simpo_beta: float = cfg.field(2.0, "simpo: β on the mean per-token log-prob (the paper uses 2 to 2.5)")
+    simpo_gamma: float = cfg.field(0.5, "simpo: target reward margin γ")
+    eval_fraction: float = cfg.field(0.1, "share of pairs held out to measure implicit-reward accuracy")
+    epochs: float = cfg.field(1.0, "passes over the training pairs")
+    batch_size: int = cfg.field(8, "pairs per optimiser step (2× sequences in the forward pass)")
+    lr: float = cfg.field(5e-6, "peak learning rate (5e-7 to 1e-6 is usual for long runs of large models; "
+                               "our runs are tens of steps on 135M: 5e-6; with LoRA use ~5e-5)")
+    weight_decay: float = cfg.field(0.0, "AdamW weight decay")
+    warmup_ratio: float = cfg.field(0.1, "fraction of steps warming the learning rate up")
+    max_length: int = cfg.field(256, "longest prompt+answer in tokens")
+    truncation: str = cfg.field("truncate", "longer pairs: truncate or skip")
+    precompute_reference: bool = cfg.field(False, "compute reference log-probs for every pair before training, then free the reference")
+    lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
+    lora_alpha: int = cfg.field(16, "LoRA alpha")
+    bf16: bool = cfg.field(True, "bf16 autocast")
+    device: str = cfg.field("auto", "cpu, cuda or auto")
+    seed: int = cfg.field(0, "random seed")
+
+
+def pair_logprobs(model, batch: list[Pair], pad_id: int, device: torch.device, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs (2B,) of each pair's answers given the prompt, and their token counts (2B,).
+
+    The B chosen first, then the B rejected, from ONE forward pass over the 2B right-padded sequences.
+    Logits are kept only from the shortest prompt's last token on (`logits_to_keep`): the positions
+    before it predict prompt tokens, which nothing scores, and the LM head is a large share of the cost.
+    """
+    sequences = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
+    ids, attention = pad_right([p + r for p, r in sequences], pad_id)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(sequences):
+        answer[i, len(p):len(p) + len(r)] = True
+    start = max(0, min(len(p) for p, _ in sequences) - 1)
+    ids, attention, answer = ids.to(device), attention.to(device), answer.to(device)
+    with autocast(device, bf16):
+        # logits[:, j] sits at position start + j and predicts token start + j + 1
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False,
+                       logits_to_keep=ids.shape[1] - start).logits
+    logprobs = logprobs_from_logits(logits[:, :-1], ids[:, start + 1:])
+    mask = answer[:, start + 1:]
+    return masked_sum(logprobs, mask, dim=1), mask.sum(1)
+
+
+@torch.no_grad()
+def all_pair_logprobs(model, pairs: list[Pair], pad_id: int, device: torch.device, bf16: bool,
+                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pair_logprobs` over many pairs, without gradient → summed log-probs and token counts, (N, 2) each.
+
+    Column 0 is the chosen answer, column 1 the rejected one; pairs of similar length share a batch.
+    """
+    order = sorted(range(len(pairs)), key=lambda i: sum(map(len, pairs[i])))
+    logprobs, lengths = torch.empty(len(pairs), 2), torch.empty(len(pairs), 2)
+    batches = range(0, len(order), batch_size)
+    for start in tqdm(batches, desc="log-probs", unit="batch", leave=False, disable=len(batches) < 2):
+        index = order[start:start + batch_size]
+        lp, n = pair_logprobs(model, [pairs[i] for i in index], pad_id, device, bf16)
+        logprobs[index] = lp.float().view(2, -1).T.cpu()
+        lengths[index] = n.float().view(2, -1).T.cpu()
+    return logprobs, lengths
+
+
+def reference_logprobs(reference, policy, pairs: list[Pair], pad_id: int, device: torch.device, bf16: bool,
+                       batch_size: int) -> torch.Tensor:
+    """Summed reference log-probs (N, 2) [chosen, rejected]: `reference`'s, or the policy's with its adapter off."""
+    if reference is not None:
+        return all_pair_logprobs(reference, pairs, pad_id, device, bf16, batch_size)[0]
+    with adapter_disabled(policy):
+        return all_pair_logprobs(policy, pairs, pad_id, device, bf16, batch_size)[0]
+
+
+def pick_loss(config: Config) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]:
+    """`config.loss` → f(logprobs, lengths, ref_logprobs) → (loss, stats), on (2B,) tensors with the chosen half first.
+
+    logprobs and ref_logprobs are sums over the answer tokens, lengths the token counts; IPO and SimPO
+    compare per-token means (ref_logprobs is None for SimPO).
+    """
+    table = {
+        "dpo": lambda lp, n, ref: losses.dpo_loss(*lp.chunk(2), *ref.chunk(2), beta=config.beta),
+        "ipo": lambda lp, n, ref: losses.ipo_loss(*(lp / n).chunk(2), *(ref / n).chunk(2), beta=config.beta),
+        "cdpo": lambda lp, n, ref: losses.cdpo_loss(*lp.chunk(2), *ref.chunk(2), beta=config.beta,
+                                                    label_smoothing=config.label_smoothing),
+        "simpo": lambda lp, n, ref: losses.simpo_loss(*(lp / n).chunk(2), beta=config.simpo_beta,
+                                                      gamma=config.simpo_gamma),
+    }
+    if config.loss not in table:
+        raise ValueError(f"loss must be one of {', '.join(table)}; got '{config.loss}'")
+    return table[config.loss]
+
+
+def main(config: Config) -> dict:
+    loss_fn = pick_loss(config)
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    out = Path(config.output_dir)
+    started = time.time()
+    needs_reference = config.loss != "simpo"
+
+    # 1. the policy (+ LoRA) and the frozen reference: a folder of its own, or the policy's adapter switched off
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    pad_id = tokenizer.pad_token_id
+    policy = load_causal_lm(model_path, device)
+    if config.lora_r > 0:
+        policy = add_lora(policy, config.lora_r, config.lora_alpha)
+    reference, reference_name = None, "none (SimPO is reference-free)"
+    if needs_reference and (config.reference or config.lora_r == 0):
+        reference_path = resolve_model_path(config.reference) if config.reference else model_path
+        if config.reference and load_tokenizer(reference_path).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"reference {reference_path} has another tokenizer than the model {model_path}")
+        reference = load_causal_lm(reference_path, device, trainable=False)
+        reference_name = str(reference_path)
+    elif needs_reference:
+        reference_name = f"{model_path} with the LoRA adapter off"
+    trainable, total = count_parameters(policy)
+    say(f"[dpo] {config.loss}: policy {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), "
+        f"reference {reference_name}, on {device}")
+
+    # 2. pairs → (prompt ids, chosen ids + EOS, rejected ids + EOS); identical or empty answers are skipped
+    lengths = LengthPolicy(config.max_length, config.truncation)
+    pairs: list[Pair] = []
+    skipped = {"empty": 0, "identical": 0}
+    for record in read_records(resolve_data_path(config.data)):
+        prompt, chosen, rejected = parse_preference(record)
+        reason = no_preference(chosen, rejected)
+        if reason:
+            skipped[reason] += 1
+            continue
+        chosen_ids, rejected_ids = encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)
+        # one prompt for both answers: fit it against the longer one, then cut both to the room left
+        fitted = lengths.fit_prompt_response(encode_prompt(tokenizer, prompt), max(chosen_ids, rejected_ids, key=len))
+        if fitted is None:
+            continue
+        room = config.max_length - len(fitted[0])
+        if chosen_ids[:room] == rejected_ids[:room]:  # the answers differ only after the cut
+            skipped["identical"] += 1
+            continue
+        pairs.append((fitted[0], chosen_ids[:room], rejected_ids[:room]))
+    if not pairs:
+        raise ValueError(f"{config.data}: no usable pairs ({skipped['identical']} identical, {skipped['empty']} empty, "
+                         f"{lengths.skipped} too long skipped)")
+    random.Random(config.seed).shuffle(pairs)
+    n_eval = min(max(1, int(len(pairs) * config.eval_fraction)), len(pairs) - 1) if config.eval_fraction > 0 else 0
+    eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
+    say(f"[dpo] {len(train_pairs)} train / {len(eval_pairs)} held-out pairs "
+        f"(skipped: {skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long; "
+        f"{lengths.truncated} truncated)")
+
+    # 3. reference log-probs of the held-out pairs, and with precompute_reference of every training pair,
+    #    after which the reference model is freed
+    eval_ref = train_ref = None
+    if needs_reference:
+        eval_ref = reference_logprobs(reference, policy, eval_pairs, pad_id, device, config.bf16, config.batch_size)
+        if config.precompute_reference:
+            train_ref = reference_logprobs(reference, policy, train_pairs, pad_id, device, config.bf16, config.batch_size)
+            freed, reference = reference is not None, None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            say(f"[dpo] reference log-probs precomputed for {len(pairs)} pairs" + ("; reference model freed" if freed else ""))
+
+    # 4. train: chosen and rejected in one forward pass; the reference's log-probs without gradient
+    steps = max(1, round(len(train_pairs) / config.batch_size * config.epochs))
+    optimizer, schedule = optimizer_and_schedule(policy.parameters(), config.lr, config.weight_decay, steps,
+                                                 int(config.warmup_ratio * steps))
+    log = RunLog(out.parent / f"{out.name}_logs")
+    rng = random.Random(config.seed + 1)
+    order: list[int] = []
+    history = []
+    bar = tqdm(range(steps), desc=config.loss, unit="step")
+    for step in bar:
+        step_started = time.time()
+        if len(order) < config.batch_size:
+            more = list(range(len(train_pairs)))
+            rng.shuffle(more)
+            order += more
+        index = order[:min(config.batch_size, len(train_pairs))]
+        del order[:len(index)]
+        batch = [train_pairs[i] for i in index]
+        ref = None
+        if train_ref is not None:
+            ref = train_ref[index].T.reshape(-1).to(device)  # (2B,): chosen then rejected
+        elif needs_reference:
+            ref = reference_logprobs(reference, policy, batch, pad_id, device, config.bf16, len(batch)).T.reshape(-1).to(device)
+        logprobs, n_tokens = pair_logprobs(policy, batch, pad_id, device, config.bf16)
+        loss, stats = loss_fn(logprobs, n_tokens, ref)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        # sequence log-probs (sums) in the log for every loss, also where the loss compared per-token means
+        chosen_logprobs, rejected_logprobs = logprobs.detach().chunk(2)
+        row = log.log(step, {"loss": loss.detach(), **stats, "chosen_logprobs": chosen_logprobs.mean(),
+                             "rejected_logprobs": rejected_logprobs.mean(), "grad_norm": grad_norm,
+                             "lr": schedule.get_last_lr()[0], "step_seconds": time.time() - step_started})
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
+
+    # 5. held-out pairs: the loss, implicit-reward accuracy and margin of the trained policy
+    held_out = {"eval_loss": float("nan"), "eval_accuracy": float("nan"), "eval_margin": float("nan")}
+    if eval_pairs:
+        lp, n = all_pair_logprobs(policy, eval_pairs, pad_id, device, config.bf16, config.batch_size)
+        eval_loss, eval_stats = loss_fn(lp.T.reshape(-1), n.T.reshape(-1),
+                                        None if eval_ref is None else eval_ref.T.reshape(-1))
+        held_out = {"eval_loss": float(eval_loss), "eval_accuracy": float(eval_stats["accuracy"]),
+                    "eval_margin": float(eval_stats["margin"])}
+        log.log(steps, held_out)
+    log.close()
+
+    # 6. save the policy (LoRA merged) as a plain causal-LM folder, with the resolved config beside it
+    keys = ("loss", "accuracy", "margin", "chosen_logprobs", "rejected_logprobs")
+    summary = {"stage": "dpo", "loss": config.loss, "steps": steps, "train_pairs": len(train_pairs),
+               "eval_pairs": len(eval_pairs), **held_out, "final_loss": history[-1]["loss"],
+               "first": {k: history[0][k] for k in keys}, "last": {k: history[-1][k] for k in keys},
+               "reference": reference_name, "precompute_reference": config.precompute_reference,
+               "skipped_identical": skipped["identical"], "skipped_empty": skipped["empty"],
+               "skipped_too_long": lengths.skipped,
+               "truncated": lengths.truncated, "seconds": round(time.time() - started, 1)}
+    save_atomic(out, model=merged_for_saving(policy), tokenizer=tokenizer,
+                json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
+    held_out_text = (f"held-out implicit-reward accuracy {held_out['eval_accuracy']:.3f}, margin "
+                     f"{held_out['eval_margin']:.3f} on {len(eval_pairs)} pairs; " if eval_pairs else "")
+    say(f"[dpo] {held_out_text}loss {summary['first']['loss']:.3f} → {summary['final_loss']:.3f}; "
+        f"saved {out} ({summary['seconds']} s)")
+    return summary

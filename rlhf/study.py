@@ -1,0 +1,208 @@
+"""`rlhf study kl-sweep`: PPO at several KL coefficients β from the same SFT model and reward model, and the
+over-optimisation curve: gold and reward-model score against the KL the policy travelled from the SFT model.
+
+What it should show (Gao et al. 2022, "Scaling laws for reward model overoptimization"): without the KL
+penalty (β = 0) the policy travels far from its start and the reward model's score keeps climbing while the
+gold score stalls or falls, because the policy exploits the reward model's mistakes; with the penalty it stays
+close, and both scores rise together.
+How: one `ppo.main` per β into OUT/beta_<β>/ppo (OUT = RUN/sweep; a β that already finished with the same
+settings is kept), then one held-out evaluation of the SFT model and every policy together (gold, reward
+model, KL to SFT, win rate, length, repetition), then sweep.json, sweep.png and a table with a verdict per β.
+Our deviations: Gao et al. vary how long a policy trains and plot against √KL; we vary β at a fixed number
+of steps and plot against KL (the x axis of PPO's own logs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf import config as cfg
+from rlhf import evaluate, ppo
+from rlhf.report import figure_png, new_figure, read_jsonl, last_run
+from rlhf.tracking import say, table
+
+POSITIONAL = "study"  # `rlhf study kl-sweep ...` reads as `rlhf study --study kl-sweep ...`
+STUDIES = ("kl-sweep",)
+WIRED_PPO = {"policy", "reward_model", "output_dir", "beta", "target_kl", "device", "bf16", "seed"}
+WIRED_EVAL = {"models", "reference", "reward_model", "data", "output_dir", "max_prompts", "device", "bf16"}
+
+
+@dataclass
+class Config:
+    study: str = cfg.field("kl-sweep", "which study: kl-sweep")
+    run_dir: str = cfg.field("runs/demo", "a pipeline run folder: RUN/sft is every policy's start and KL reference, RUN/reward the reward model")
+    output_dir: str = cfg.field("", "where the sweep is written ('' = RUN_DIR/sweep)")
+    betas: list[float] = cfg.field([0.0, 0.01, 0.05, 0.2], "KL coefficients β, one PPO run each (0 = no KL penalty)")
+    steps: int = cfg.field(12, "PPO iterations per β")
+    batch_size: int = cfg.field(32, "responses sampled per PPO iteration")
+    mini_batch_size: int = cfg.field(16, "responses per gradient step")
+    max_new_tokens: int = cfg.field(64, "longest response in tokens (PPO and the evaluation)")
+    lr: float = cfg.field(1e-5, "policy learning rate")
+    monitor_every: int = cfg.field(4, "PPO's reward-hacking monitor every N steps (0 = off)")
+    ppo: dict = cfg.field({}, "any other PPO settings, the same for every β (see `rlhf ppo --help`)")
+    eval_prompts: str = cfg.field("builtin:prompts_heldout", "held-out prompts of the final evaluation")
+    max_prompts: int = cfg.field(64, "held-out prompts evaluated (0 = all)")
+    eval: dict = cfg.field({}, "any other evaluation settings (see `rlhf eval --help`)")
+    device: str = cfg.field("auto", "cpu, cuda or auto")
+    bf16: bool = cfg.field(True, "bf16 autocast")
+    seed: int = cfg.field(0, "random seed (the same for every β: the runs differ only in β)")
+
+
+def check_section(name: str, section: dict, wired: set[str]) -> None:
+    clash = set(section) & wired
+    if clash:
+        raise cfg.ConfigError(f"rlhf study: '{name}.{sorted(clash)[0]}' is set by the study itself (from run_dir, betas, "
+                              f"eval_prompts, max_prompts, device, bf16 or seed)")
+
+
+def ppo_config(config: Config, run: Path, folder: Path, beta: float) -> ppo.Config:
+    """The PPO settings of one β: the study's, then its `ppo` section, then the wiring (fixed β, the run's models)."""
+    check_section("ppo", config.ppo, WIRED_PPO)
+    pipeline_file = run / "config.yaml"  # train on the prompts the run's reward model was trained for
+    prompts = cfg.read_yaml(pipeline_file).get("prompts") if pipeline_file.is_file() else None
+    values = {"steps": config.steps, "batch_size": config.batch_size, "mini_batch_size": config.mini_batch_size,
+              "max_new_tokens": config.max_new_tokens, "lr": config.lr, "monitor_every": config.monitor_every,
+              **({"data": prompts} if prompts else {}), **config.ppo,
+              "policy": str(run / "sft"), "reward_model": str(run / "reward"), "output_dir": str(folder / "ppo"),
+              "beta": beta, "target_kl": 0.0, "device": config.device, "bf16": config.bf16, "seed": config.seed}
+    return cfg.build(ppo.Config, values, where=f"rlhf study (PPO at β={beta:g})")
+
+
+def finished(ppo_cfg: ppo.Config) -> bool:
+    """A policy saved by a PPO run with exactly these settings (its checkpoint keeps them) need not run again."""
+    saved = Path(ppo_cfg.output_dir) / "rlhf_config.json"
+    return saved.is_file() and json.loads(saved.read_text()) == json.loads(json.dumps(cfg.to_dict(ppo_cfg), default=str))
+
+
+def verdict(row: dict) -> str:
+    """What the paired 95% intervals against SFT say about a policy's reward-model and gold scores."""
+    if "reward_model_diff_ci" not in row or "gold_diff_ci" not in row:
+        return "-"
+    rm_up = row["reward_model_diff_ci"][0] > 0
+    gold_up, gold_down = row["gold_diff_ci"][0] > 0, row["gold_diff_ci"][1] < 0
+    if rm_up and gold_up:
+        return "both rose"
+    if rm_up:
+        return "RM rose, gold fell: over-optimised" if gold_down else "RM rose, gold stalled: over-optimised"
+    return "gold rose, RM did not" if gold_up else "no clear change"
+
+
+def plot_sweep(sweep: dict) -> bytes:
+    """Top: the held-out scores at the end of training against KL to SFT, one point per β (SFT at KL 0).
+    Bottom: each β's path over its training steps (scores of the training batches against their KL)."""
+    figure, axes = new_figure(4, columns=2, size=(5.5, 3.6))
+    base = sweep["baseline"]
+    for column, (key, title) in enumerate((("gold", "gold score"), ("reward_model", "reward-model score"))):
+        ax = axes[column]
+        if key in base:
+            ax.errorbar([0.0], [base[key]], yerr=[[base[key] - base[f"{key}_ci"][0]], [base[f"{key}_ci"][1] - base[key]]],
+                        fmt="s", color="black", capsize=4, label="SFT")
+        for n, point in enumerate(sweep["points"]):
+            if key in point:
+                low, high = point[f"{key}_ci"]
+                ax.errorbar([point["kl"]], [point[key]], yerr=[[point[key] - low], [high - point[key]]], fmt="o",
+                            color=f"C{n}", capsize=4, label=f"β={point['beta']:g}")
+        ax.set_title(f"held-out {title} after training", fontsize=10)
+        ax.set_xlabel("KL to SFT (nats per answer)", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax = axes[2 + column]
+        for n, point in enumerate(sweep["points"]):
+            path = [r for r in sweep["curves"].get(f"{point['beta']:g}", []) if f"{key}_score" in r and "kl" in r]
+            ax.plot([r["kl"] for r in path], [r[f"{key}_score"] for r in path], "o-", markersize=3, color=f"C{n}",
+                    label=f"β={point['beta']:g}")
+        ax.set_title(f"{title} of the training batches, step by step", fontsize=10)
+        ax.set_xlabel("KL to SFT (nats per answer)", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    figure.suptitle("KL sweep: does the gold score follow the reward model's? (Gao et al. 2022)", fontsize=12)
+    return figure_png(figure)
+
+
+def main(config: Config) -> dict:
+    if config.study not in STUDIES:
+        raise ValueError(f"unknown study '{config.study}'; known: {', '.join(STUDIES)}")
+    if not config.betas:
+        raise ValueError("kl-sweep: give at least one β in 'betas'")
+    run = Path(config.run_dir)
+    for needed in ("sft", "reward"):
+        if not (run / needed / "config.json").is_file():
+            raise FileNotFoundError(f"{run / needed}: no model there; kl-sweep needs a run folder from `rlhf pipeline` "
+                                    f"(its sft/ and reward/)")
+    out = Path(config.output_dir) if config.output_dir else run / "sweep"
+    started = time.time()
+    configs = {beta: ppo_config(config, run, out / f"beta_{beta:g}", beta) for beta in config.betas}
+    check_section("eval", config.eval, WIRED_EVAL)
+    say(f"[study] kl-sweep: β = {', '.join(f'{b:g}' for b in config.betas)}, {config.steps} PPO steps each, from {run}")
+
+    # 1. one PPO run per β, from the same SFT model and reward model with the same seed
+    ppo_seconds: dict[float, float] = {}
+    for number, (beta, ppo_cfg) in enumerate(configs.items(), start=1):
+        if finished(ppo_cfg):
+            say(f"[study] β={beta:g} ({number}/{len(configs)}): finished earlier with these settings, kept ({ppo_cfg.output_dir})")
+            continue
+        say(f"[study] β={beta:g} ({number}/{len(configs)}): PPO → {ppo_cfg.output_dir}")
+        began = time.time()
+        ppo.main(ppo_cfg)
+        ppo_seconds[beta] = time.time() - began
+        left = len(configs) - number
+        say(f"[study] β={beta:g} done in {ppo_seconds[beta]:.0f} s; {(time.time() - started) / 60:.1f} min so far"
+            + (f", about {left * ppo_seconds[beta] / 60:.0f} min of PPO left" if left else ""))
+
+    # 2. one held-out evaluation of SFT and every policy: gold and reward-model score, KL to SFT, win rate
+    eval_began = time.time()
+    sft = str(run / "sft")
+    names = {sft: "SFT", **{ppo_cfg.output_dir: f"β={beta:g}" for beta, ppo_cfg in configs.items()}}
+    first = next(iter(configs.values()))
+    eval_config = cfg.build(evaluate.Config, {
+        "max_new_tokens": config.max_new_tokens, "temperature": first.temperature, **config.eval,
+        "models": [sft] + [c.output_dir for c in configs.values()], "reference": sft, "reward_model": str(run / "reward"),
+        "data": config.eval_prompts, "output_dir": str(out / "eval"), "max_prompts": config.max_prompts,
+        "bf16": config.bf16, "device": config.device}, where="rlhf study (evaluation)")
+    result = evaluate.main(eval_config, names=names)
+    eval_seconds = time.time() - eval_began
+
+    # 3. the over-optimisation curve: one point per β from the evaluation, each β's path from its PPO log
+    rows = {r["model"]: r for r in result["rows"]}
+    points = []
+    for beta, ppo_cfg in configs.items():
+        row = rows[ppo_cfg.output_dir]
+        points.append({"beta": beta, "kl": row["kl_to_reference"], "verdict": verdict(row),
+                       "ppo_seconds": round(ppo_seconds.get(beta, 0.0), 1),
+                       **{k: v for k, v in row.items() if k not in ("model", "kl_to_reference")}})
+    curves = {}
+    for beta, ppo_cfg in configs.items():
+        log_rows, _ = last_run(read_jsonl(Path(ppo_cfg.output_dir).parent / "ppo_logs" / "metrics.jsonl"))
+        curves[f"{beta:g}"] = [{k: r[k] for k in ("step", "kl", "reward_model_score", "gold_score", "monitor/gold",
+                                                  "monitor/reward_model") if k in r} for r in log_rows]
+
+    # 4. the table, the verdict on the claim, sweep.json and sweep.png
+    cells = evaluate.result_rows(result, names)
+    shown = [{"β": cell["model"], **{k: v for k, v in cell.items() if k != "model"},
+              "verdict": "(baseline)" if row["model"] == sft else verdict(row)} for cell, row in zip(cells, result["rows"])]
+    no_penalty = [p for p in points if p["beta"] == 0]
+    penalised = [p for p in points if p["beta"] > 0]
+    claim = None
+    if no_penalty and penalised:
+        claim = no_penalty[0]["verdict"].endswith("over-optimised") and any(p["verdict"] == "both rose" for p in penalised)
+    seconds = {"ppo": round(sum(ppo_seconds.values()), 1), "eval": round(eval_seconds, 1),
+               "total": round(time.time() - started, 1)}
+    sweep = {"run_dir": str(run), "betas": config.betas, "steps": config.steps, "baseline": rows[sft], "points": points,
+             "curves": curves, "table": shown, "claim_holds": claim, "seconds": seconds}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in (("sweep.json", json.dumps(sweep, indent=2).encode()), ("sweep.png", plot_sweep(sweep))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(out / name)
+    say("\nKL sweep (held-out; Δ and win rate against SFT with 95% intervals):\n" + table(shown))
+    if claim is not None:
+        say(f"\nClaim 'without the KL penalty the reward model's score climbs while the gold score stalls or falls; "
+            f"with it both rise together': {'holds' if claim else 'does NOT hold'} on this sweep "
+            f"(β=0: {no_penalty[0]['verdict']}; "
+            + "; ".join(f"β={p['beta']:g}: {p['verdict']}" for p in penalised) + ")")
+    say(f"[study] wrote {out / 'sweep.json'} and {out / 'sweep.png'}; took {seconds['total'] / 60:.1f} min "
+        f"(PPO {seconds['ppo'] / 60:.1f} min, evaluation {seconds['eval'] / 60:.1f} min)")
+    return sweep
