@@ -2,15 +2,11 @@
 no console error, no request beyond the file itself, and answers containing markup shown as text."""
 
 import json
-import os
 
 import pytest
 
 from rlhf import cli, report
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-sync"]
 EVIL_ANSWER = '<script>alert("xss-answer")</script> and <b>bold</b>'
 EVIL_PROMPT = "<img src=x onerror=\"alert('xss-prompt')\"> Explain rain to a 10-year-old."
 
@@ -86,31 +82,26 @@ def test_every_stage_log_is_drawn_known_ones_first(run):
     assert "the log holds 2 runs, this is the last" in page
 
 
-def test_report_opens_offline_in_a_headless_browser(run, capsys):
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing; run scripts/install_test_deps.sh", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
+def test_report_opens_offline_in_a_headless_browser(run, capsys, browser):
     assert cli.main(["report", str(run)]) == 0  # `rlhf report RUN_DIR`
     path = run / "report.html"
     assert str(path) in capsys.readouterr().out
     errors, requests, dialogs = [], [], []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("request", lambda r: requests.append(r.url))
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(path.as_uri(), wait_until="load")
-            images = page.evaluate("""() => Array.from(document.images).map(i => (
-                {complete: i.complete, width: i.naturalWidth, height: i.naturalHeight, src: i.src.slice(0, 22)}))""")
-            text = page.text_content("body")  # hidden <details> too
-            scripts = page.evaluate("() => document.scripts.length")
-            bold = page.evaluate("() => document.querySelectorAll('table b, div.alarm b b').length")
-        finally:
-            browser.close()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url))
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(path.as_uri(), wait_until="load")
+        images = page.evaluate("""() => Array.from(document.images).map(i => (
+            {complete: i.complete, width: i.naturalWidth, height: i.naturalHeight, src: i.src.slice(0, 22)}))""")
+        text = page.text_content("body")  # hidden <details> too
+        scripts = page.evaluate("() => document.scripts.length")
+        bold = page.evaluate("() => document.querySelectorAll('table b, div.alarm b b').length")
+    finally:
+        context.close()
     assert errors == [] and dialogs == []
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
     assert len(images) == 7

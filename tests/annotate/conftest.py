@@ -24,15 +24,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "run scripts/install_test_deps.sh (it installs Debian's chromium and postgresql)"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 
 
 def free_port() -> int:
@@ -163,18 +154,6 @@ def live_server(db_url):
 
 
 # ---------------------------------------------------------------- the browser
-
-
-@pytest.fixture(scope="session")
-def browser():
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing; {INSTALL_HINT}", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture
