@@ -54,16 +54,12 @@ def parse_stage_args(command: str, cls: type, argv: list[str]):
     rest = []
     i = 0
     while i < len(argv):
-        if argv[i] == "--config" and i + 1 < len(argv):
-            data = cfg.read_yaml(argv[i + 1])
+        if argv[i] == "--config" and i + 1 < len(argv) or argv[i].startswith("--config="):
+            path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+            data = cfg.read_yaml(path)
             section = data.get(section_name)
             values.update(section if isinstance(section, dict) and command != "pipeline" else data)
-            i += 2
-        elif argv[i].startswith("--config="):
-            data = cfg.read_yaml(argv[i].split("=", 1)[1])
-            section = data.get(section_name)
-            values.update(section if isinstance(section, dict) and command != "pipeline" else data)
-            i += 1
+            i += 1 if "=" in argv[i] else 2
         else:
             rest.append(argv[i])
             i += 1
