@@ -292,6 +292,22 @@ class LengthPolicy:
         return ids[: self.max_length]
 
 
+def next_batch(order: list[int], size: int, batch_size: int, rng) -> list[int]:
+    """Indices of the next batch, walking shuffled passes over range(size); `order` holds what is left.
+
+    A new shuffled pass is appended when fewer than a batch remain, so every item is seen once per pass
+    and a batch never needs more than two passes. A batch is never larger than the data.
+    """
+    take = min(batch_size, size)
+    if len(order) < take:
+        more = list(range(size))
+        rng.shuffle(more)
+        order += more
+    index = order[:take]
+    del order[:take]
+    return index
+
+
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """→ (ids (B, T), attention mask (B, T)) padded on the right."""
     width = max(len(s) for s in sequences)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rlhf import config as cfg
 from rlhf import losses
-from rlhf.data import (LengthPolicy, encode_prompt, encode_response, no_preference, pad_right, parse_preference,
+from rlhf.data import (LengthPolicy, encode_prompt, encode_response, next_batch, no_preference, pad_right, parse_preference,
                        read_records, resolve_data_path)
 from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer,
                          merged_for_saving, optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
@@ -219,12 +219,7 @@ def main(config: Config) -> dict:
     bar = tqdm(range(steps), desc=config.loss, unit="step")
     for step in bar:
         step_started = time.time()
-        if len(order) < config.batch_size:
-            more = list(range(len(train_pairs)))
-            rng.shuffle(more)
-            order += more
-        index = order[:min(config.batch_size, len(train_pairs))]
-        del order[:len(index)]
+        index = next_batch(order, len(train_pairs), config.batch_size, rng)
         batch = [train_pairs[i] for i in index]
         ref = None
         if train_ref is not None:

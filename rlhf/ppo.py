@@ -27,7 +27,7 @@ import torch
 
 from rlhf import config as cfg
 from rlhf import losses
-from rlhf.data import LengthPolicy, Messages, encode_conversation, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.data import LengthPolicy, Messages, encode_conversation, next_batch, prompt_text, read_prompts, resolve_data_path, write_jsonl
 from rlhf.evaluate import hacking_warnings, load_judge, monitor_check, reward_scorer
 from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_reward_model,
                          load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
@@ -144,8 +144,9 @@ def main(config: Config) -> dict:
         fitted = lengths.fit_prompt_messages(tokenizer, messages)
         if fitted is not None:
             prompts.append(fitted)
-    if not prompts:
-        raise ValueError(f"{config.data}: no prompts left (skipped {lengths.skipped} over max_prompt_length)")
+    if len(prompts) < config.batch_size:
+        raise ValueError(f"{config.data}: {len(prompts)} usable prompts, fewer than batch_size={config.batch_size} "
+                         f"(skipped {lengths.skipped} over max_prompt_length); lower batch_size or add prompts")
     say(f"[ppo] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at max_prompt_length={config.max_prompt_length})")
 
     # the reward-hacking monitor: a fixed held-out batch, its judge, and the reward model as a plain scorer
@@ -178,12 +179,7 @@ def main(config: Config) -> dict:
     bar = tqdm(range(config.steps), desc="ppo", unit="step")
     for step in bar:
         step_started = time.time()
-        if len(order) < config.batch_size:
-            more = list(range(len(prompts)))
-            rng.shuffle(more)
-            order += more
-        batch_prompts = [prompts[i] for i in order[:config.batch_size]]
-        del order[:config.batch_size]
+        batch_prompts = [prompts[i] for i in next_batch(order, len(prompts), config.batch_size, rng)]
 
         # 1. rollout
         rollout = sample(policy, tokenizer, batch_prompts, config.max_new_tokens, config.temperature,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from rlhf import config as cfg
-from rlhf.data import (LengthPolicy, encode_conversation, no_preference, pad_right, parse_preference, read_records,
+from rlhf.data import (LengthPolicy, encode_conversation, next_batch, no_preference, pad_right, parse_preference, read_records,
                        resolve_data_path)
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import (autocast, load_reward_model, load_tokenizer, optimizer_and_schedule, pick_device,
@@ -99,12 +99,7 @@ def main(config: Config) -> dict:
 
     bar = tqdm(range(steps), desc="reward", unit="step")
     for step in bar:
-        if len(order) < config.batch_size:
-            more = list(range(len(train_pairs)))
-            rng.shuffle(more)
-            order += more
-        batch = [train_pairs[i] for i in order[:min(config.batch_size, len(train_pairs))]]
-        del order[:len(batch)]
+        batch = [train_pairs[i] for i in next_batch(order, len(train_pairs), config.batch_size, rng)]
         ids, attention = pad_right([c for c, _, _ in batch] + [r for _, r, _ in batch], pad_id)
         with autocast(device, config.bf16):
             scores = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits[:, 0].float()

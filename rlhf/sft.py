@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rlhf import config as cfg
-from rlhf.data import LengthPolicy, encode_prompt, encode_response, pad_right, read_demonstrations, resolve_data_path
+from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, pad_right, read_demonstrations, resolve_data_path
 from rlhf.losses import sft_loss
 from rlhf.models import (add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer, merged_for_saving,
                          optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
@@ -84,12 +84,7 @@ def main(config: Config) -> dict:
 
     bar = tqdm(range(total_steps), desc="sft", unit="step")
     for step in bar:
-        if len(order) < config.batch_size:
-            more = list(range(len(examples)))
-            rng.shuffle(more)
-            order += more
-        batch = [examples[i] for i in order[:config.batch_size]]
-        del order[:config.batch_size]
+        batch = [examples[i] for i in next_batch(order, len(examples), config.batch_size, rng)]
         ids, attention = pad_right([p + r for p, r in batch], tokenizer.pad_token_id)
         # response_mask marks the positions whose token the loss asks the model to predict
         response_mask = torch.zeros_like(ids, dtype=torch.bool)

@@ -160,3 +160,14 @@ def test_truncate_at_eos():
     assert out.tolist() == [[5, 6, 2, 0, 0], [5, 6, 7, 8, 9]]
     assert mask.tolist() == [[True, True, True, False, False], [True] * 5]
     assert ended.tolist() == [True, False]
+
+
+def test_next_batch_sees_every_item_once_per_pass():
+    import random
+
+    order, rng = [], random.Random(0)
+    batches = [data.next_batch(order, 6, 4, rng) for _ in range(3)]  # 12 indices = exactly 2 passes
+    seen = [i for b in batches for i in b]
+    assert [len(b) for b in batches] == [4, 4, 4]
+    assert sorted(seen) == sorted(list(range(6)) * 2)
+    assert sorted(data.next_batch([], 3, 8, rng)) == [0, 1, 2]  # never larger than the data
