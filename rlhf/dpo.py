@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 from tqdm.auto import tqdm
@@ -32,10 +32,10 @@ from rlhf import config as cfg
 from rlhf import losses
 from rlhf.data import (LengthPolicy, encode_prompt, encode_response, next_batch, no_preference, pad_right, parse_preference,
                        read_records, resolve_data_path)
-from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer,
-                         merged_for_saving, optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
+from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm,
+                         load_tokenizer, merged_for_saving, optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
 from rlhf.ops import logprobs_from_logits, masked_sum
-from rlhf.tracking import RunLog, say, seed_everything
+from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 Pair = tuple[list[int], list[int], list[int]]  # prompt ids, chosen ids, rejected ids
 
@@ -138,6 +138,16 @@ def pick_loss(config: Config) -> Callable[[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def main(config: Config) -> dict:
+    """Train, evaluate, save, and return the run's summary (`training` run to its end)."""
+    return run_to_end(training(config))
+
+
+def training(config: Config) -> Generator[dict, None, dict]:
+    """The stage, steppable: set up, then yield after each optimiser step; at the end evaluate, save, return the summary.
+
+    Each yield is that step's logged metrics and `batch_tokens`, the real (non-pad) tokens of the batch's
+    2B prompt + answer sequences. `main` runs it to the end; a benchmark can time it step by step.
+    """
     loss_fn = pick_loss(config)
     seed_everything(config.seed)
     device = pick_device(config.device)
@@ -240,6 +250,7 @@ def main(config: Config) -> dict:
                              "lr": schedule.get_last_lr()[0], "step_seconds": time.time() - step_started})
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
+        yield {**row, "batch_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)}
 
     # 5. held-out pairs: the loss, implicit-reward accuracy and margin of the trained policy
     held_out = {"eval_loss": float("nan"), "eval_accuracy": float("nan"), "eval_margin": float("nan")}

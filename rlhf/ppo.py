@@ -6,9 +6,10 @@ rewards into advantages, and the clipped PPO objective updates the policy and it
 Papers: Schulman et al. 2017 (PPO); Ziegler et al. 2019 and Stiennon et al. 2020 (KL-shaped reward,
 adaptive β); Ouyang et al. 2022 step 3; Huang et al. 2024, "The N+ implementation details of RLHF
 with PPO" (EOS truncation, missing-EOS penalty, reward normalisation, dropout off, temperature).
-Our deviations: the critic is a zero-initialised linear value head on the policy's last hidden state
-(the cheap option on one CPU: one forward pass gives logits and values) instead of a separate model
-started from the reward model; the reference is the same weights with the LoRA adapter off when
+Our deviations: by default (`critic: head`) the critic is a zero-initialised linear value head on the
+policy's last hidden state (the cheap option on one CPU: one forward pass gives logits and values);
+`critic: model` is the classic set-up of four models (a separate critic started from the reward model,
+as in Ouyang et al. and TRL), which is what the side-by-side benchmark against TRL uses. The reference is the same weights with the LoRA adapter off when
 LoRA is on. Scores are normalised with the mean/std the reward stage measured on reference samples.
 Reward-hacking monitor: every `monitor_every` steps the policy answers a fixed held-out batch (same prompts,
 same sampling seed), which the gold judge and the reward model both score; the scores are only logged, and
@@ -22,19 +23,21 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from rlhf import config as cfg
 from rlhf import losses
-from rlhf.data import LengthPolicy, Messages, encode_conversation, next_batch, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.data import (LengthPolicy, Messages, encode_conversation, next_batch, position_ids_from_mask, prompt_text,
+                       read_prompts, resolve_data_path, write_jsonl)
 from rlhf.evaluate import hacking_warnings, load_judge, monitor_check, reward_scorer
 from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_reward_model,
                          load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
                          pick_device, resolve_model_path, save_atomic, score_sequences)
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, masked_mean, whiten
 from rlhf.rollout import Rollout, forward_logits, sample
-from rlhf.tracking import RunLog, say, seed_everything
+from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
 @dataclass
@@ -52,7 +55,8 @@ class Config:
     truncation: str = cfg.field("truncate", "prompts over max_prompt_length: truncate or skip")
     temperature: float = cfg.field(0.7, "sampling temperature (logprobs are recomputed at the same temperature)")
     lr: float = cfg.field(1e-5, "policy learning rate")
-    value_lr: float = cfg.field(1e-3, "value head learning rate (it starts at zero and must catch up fast)")
+    value_lr: float = cfg.field(1e-3, "critic learning rate (the head starts at zero and must catch up fast; "
+                                      "with critic: model use about the policy's lr)")
     kl_estimator: str = cfg.field("k1", "per-token KL estimator in the reward: k1 (log ratio) or k3")
     beta: float = cfg.field(0.05, "KL coefficient β (initial value when target_kl is set)")
     target_kl: float = cfg.field(0.0, "target KL per response for the adaptive controller (0 = fixed β)")
@@ -64,6 +68,8 @@ class Config:
     vf_coef: float = cfg.field(0.1, "value loss coefficient")
     normalize_reward: bool = cfg.field(True, "normalise scores to ~N(0,1) on reference samples (from the reward stage)")
     missing_eos_penalty: float = cfg.field(1.0, "subtracted from the score of a response that never ends")
+    critic: str = cfg.field("head", "the value function: 'head' (a linear head on the policy, one forward pass) or 'model' "
+                                    "(a separate critic started from the reward model, trained at value_lr)")
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
     gold: bool = cfg.field(True, "also score rollouts with the built-in gold annotator, for logging only")
@@ -77,6 +83,8 @@ class Config:
     monitor_distinct_drift: float = cfg.field(0.15, "warn when distinct-2 falls more than this share from the first check")
     sample_every: int = cfg.field(5, "write sample responses every N steps")
     generation_batch_size: int = cfg.field(64, "prompts sampled at once")
+    reuse_rollout_forward: bool = cfg.field(True, "with ppo_epochs 1 and mini_batch_size = batch_size, the update reuses "
+                                                  "the rollout's forward pass instead of a second one (same result)")
     bf16: bool = cfg.field(True, "bf16 autocast")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
@@ -88,19 +96,45 @@ def response_logprobs_values(model, value_head, rollout: Rollout, temperature: f
 
     Logits are divided by the sampling temperature, so that the ratio π/π_old compares the same
     distribution the tokens were drawn from. The sequence carries the sampling-time padding.
+    `value_head` None (a separate critic gives the values, see `critic_values`) means no values here.
     """
-    prompt_width = rollout.prompt_ids.shape[1]
+    prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    want_values = want_values and value_head is not None
     with autocast(device, bf16):
-        logits, hidden = forward_logits(model, rollout.input_ids, rollout.attention_mask, want_hidden=want_values)
-        # position t predicts token t+1: the response tokens are predicted from prompt_width-1 on
-        logits = logits[:, prompt_width - 1:-1]
+        # position t predicts token t+1: the response tokens are predicted from prompt_width-1 on, so only the
+        # last response_width+1 positions need the LM head (the prompt's would be computed and thrown away)
+        logits, hidden = forward_logits(model, rollout.input_ids, rollout.attention_mask, want_hidden=want_values,
+                                        logits_to_keep=response_width + 1)
+        logits = logits[:, :-1]
         values = value_head(hidden[:, prompt_width - 1:-1]).squeeze(-1).float() if want_values else None
     logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
     entropy = entropy_from_logits(logits, rollout.response_mask, temperature) if want_entropy else None
     return logprobs, values, entropy
 
 
+def critic_values(critic, rollout: Rollout, bf16: bool, device) -> torch.Tensor:
+    """Values (B, R) from a separate critic: a sequence classifier's backbone, its score head read at every
+    position (the value of the state before each response token), with the sampling-time padding."""
+    prompt_width = rollout.prompt_ids.shape[1]
+    backbone = getattr(critic, critic.base_model_prefix)
+    mask = rollout.attention_mask
+    with autocast(device, bf16):
+        hidden = backbone(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                          use_cache=False).last_hidden_state
+        return critic.score(hidden[:, prompt_width - 1:-1]).squeeze(-1).float()
+
+
 def main(config: Config) -> dict:
+    """Train, save, and return the summary (the whole of `training`)."""
+    return run_to_end(training(config))
+
+
+def training(config: Config) -> Iterator[dict]:
+    """The PPO run as a generator: set-up on the first `next`, then one logged row per iteration; its return
+    value (StopIteration.value) is the summary, after the policy is saved. The benchmark steps it one iteration
+    at a time; `main` runs it through."""
+    if config.critic not in ("head", "model"):
+        raise ValueError(f"critic must be 'head' or 'model', got '{config.critic}'")
     if config.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"kl_estimator must be 'k1' or 'k3', got '{config.kl_estimator}'")
     if config.batch_size % config.mini_batch_size:
@@ -120,12 +154,18 @@ def main(config: Config) -> dict:
     else:
         reference = load_causal_lm(policy_path, device, trainable=False)
     hidden_size = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") else policy.config.hidden_size
-    value_head = torch.nn.Linear(hidden_size, 1).to(device)
-    torch.nn.init.zeros_(value_head.weight)
-    torch.nn.init.zeros_(value_head.bias)
     reward_path = resolve_model_path(config.reward_model)
     reward_tokenizer = load_tokenizer(reward_path)
     reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False)
+    critic_model = value_head = None
+    if config.critic == "model":  # a fourth model: a trainable copy of the reward model
+        critic_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)
+        critic_parameters = list(critic_model.parameters())
+    else:
+        value_head = torch.nn.Linear(hidden_size, 1).to(device)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+        critic_parameters = list(value_head.parameters())
     reward_mean, reward_std = load_reward_normalisation(reward_path) if config.normalize_reward else (0.0, 1.0)
     trainable, total = count_parameters(policy)
     say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), reward {reward_path} "
@@ -166,8 +206,11 @@ def main(config: Config) -> dict:
     updates_per_step = config.ppo_epochs * (config.batch_size // config.mini_batch_size)
     optimizer, schedule = optimizer_and_schedule(
         [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.lr},
-         {"params": list(value_head.parameters()), "lr": config.value_lr}],
+         {"params": critic_parameters, "lr": config.value_lr}],
         config.lr, 0.0, config.steps * updates_per_step, 0)
+    # one PPO epoch over one mini-batch: the only update's forward pass is also the rollout's (the policy has not
+    # changed in between), so its detached outputs serve as π_old and old values and no forward runs twice
+    single_update = config.reuse_rollout_forward and config.ppo_epochs == 1 and config.mini_batch_size == config.batch_size
     log = RunLog(out.parent / f"{out.name}_logs")
     beta = config.beta
     rng = random.Random(config.seed)
@@ -196,9 +239,13 @@ def main(config: Config) -> dict:
         scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
 
         # 3. KL-shaped reward: old logprobs and values from the policy, ref logprobs from the reference
-        with torch.no_grad():
-            old_logprobs, old_values, entropy = response_logprobs_values(
+        with torch.set_grad_enabled(single_update):
+            logprobs_now, values_now, entropy = response_logprobs_values(
                 policy, value_head, rollout, config.temperature, config.bf16, device, want_entropy=True)
+            if critic_model is not None:
+                values_now = critic_values(critic_model, rollout, config.bf16, device)
+        old_logprobs, old_values = logprobs_now.detach(), values_now.detach()
+        with torch.no_grad():
             if reference is None:
                 with adapter_disabled(policy):
                     ref_logprobs, _, _ = response_logprobs_values(policy, value_head, rollout, config.temperature,
@@ -221,8 +268,13 @@ def main(config: Config) -> dict:
             for start in range(0, config.batch_size, config.mini_batch_size):
                 index = permutation[start:start + config.mini_batch_size]
                 part = rollout.select(index)
-                logprobs, values, _ = response_logprobs_values(policy, value_head, part, config.temperature,
-                                                               config.bf16, device)
+                if single_update:  # the graph of step 3's forward pass, rows in the same shuffled order
+                    logprobs, values = logprobs_now[index], values_now[index]
+                else:
+                    logprobs, values, _ = response_logprobs_values(policy, value_head, part, config.temperature,
+                                                                   config.bf16, device)
+                    if critic_model is not None:
+                        values = critic_values(critic_model, part, config.bf16, device)
                 pg_loss, pg_stats = losses.ppo_policy_loss(logprobs, old_logprobs[index], advantages[index],
                                                            part.response_mask, config.clip)
                 vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[index], returns[index],
@@ -230,7 +282,7 @@ def main(config: Config) -> dict:
                 loss = pg_loss + config.vf_coef * vf_loss
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters()), 1.0)
+                    [p for p in policy.parameters() if p.requires_grad] + critic_parameters, 1.0)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -273,6 +325,7 @@ def main(config: Config) -> dict:
             write_jsonl(log.out_dir / "monitor_samples.jsonl", monitor_samples)
         row = log.log(step, metrics)
         history.append(row)
+        yield row
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
         if step % config.sample_every == 0 or step == config.steps - 1:
             for i in range(min(3, len(batch_prompts))):
@@ -289,7 +342,7 @@ def main(config: Config) -> dict:
     write_jsonl(out.parent / f"{out.name}_logs" / "samples.jsonl", samples)
     save_atomic(out, model=merged_for_saving(policy), tokenizer=tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary},
-                tensors={"value_head.safetensors": value_head.state_dict()})
+                tensors={"value_head.safetensors": value_head.state_dict()} if value_head is not None else None)
     say(f"[ppo] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → {summary['last']['score']:.3f}, "
         f"KL {summary['last']['kl']:.3f}")
     return summary

@@ -7,7 +7,8 @@ Papers: Bradley & Terry 1952; Stiennon et al. 2020; Ouyang et al. 2022 step 2 (m
 Our deviations: the model scores the whole chat as the template writes it (prompt + answer + end of
 turn), so any tool that applies the same template reproduces our scores. After training, the scores
 of the pairs' responses (samples of the reference policy) give a mean and std that PPO uses to
-normalise rewards to about N(0, 1).
+normalise rewards to about N(0, 1). In training, a pair's two conversations go through the model as
+one row that holds their shared opening (the prompt) once (`pair_scores`): the same scores, fewer tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generator
 
 import torch
 
@@ -25,7 +27,7 @@ from rlhf.data import (LengthPolicy, encode_conversation, next_batch, no_prefere
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import (autocast, load_reward_model, load_tokenizer, optimizer_and_schedule, pick_device,
                          resolve_model_path, save_atomic, score_sequences)
-from rlhf.tracking import RunLog, say, seed_everything
+from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
 @dataclass
@@ -47,7 +49,65 @@ class Config:
     seed: int = cfg.field(0, "random seed")
 
 
+def shared_prefix_length(a: list[int], b: list[int]) -> int:
+    """Length of the common start of two token lists, leaving at least one token of each after it."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def pair_scores(model, pairs: list[tuple[list[int], list[int]]], pad_id: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (B,) of the chosen and (B,) of the rejected conversations, with gradient; run it under autocast.
+
+    A pair's two conversations share their opening (the prompt, a third of the tokens on the built-in
+    task). One row per pair holds it once, then the rest of the chosen one, then the rest of the rejected
+    one; the attention mask lets the rejected rest see the shared part and itself but not the chosen rest,
+    and its position ids restart where the shared part ends, so every token's hidden state is the one it
+    has in its own sequence. Each score is read at its conversation's last token, where the sequence
+    classifier pools. Padding queries see only themselves (no all-masked rows, so no NaN). Attention
+    kernels other than SDPA take no such mask: there each conversation is its own right-padded row.
+    """
+    backbone, head = model.base_model, getattr(model, "score", None)
+    if model.config._attn_implementation != "sdpa" or head is None or backbone is model:
+        ids, attention = pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+        scores = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits[:, 0]
+        return scores.float().chunk(2)
+    rows, positions, ends = [], [], []
+    for chosen, rejected in pairs:
+        shared = shared_prefix_length(chosen, rejected)
+        rows.append(chosen + rejected[shared:])
+        positions.append(list(range(len(chosen))) + list(range(shared, len(rejected))))
+        ends.append((len(chosen) - 1, len(rows[-1]) - 1))
+    ids, _ = pad_right(rows, pad_id)
+    position_ids, _ = pad_right(positions, 0)
+    width = ids.shape[1]
+    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)  # [row, query, key]
+    for i, ((chosen, rejected), row) in enumerate(zip(pairs, rows)):
+        shared = len(chosen) + len(rejected) - len(row)
+        allowed[i, len(chosen):, shared:len(chosen)] = False  # the rejected rest does not see the chosen rest
+        allowed[i, len(row):] = False  # padding...
+    allowed |= torch.eye(width, dtype=torch.bool)  # ...sees itself only
+    hidden = backbone(input_ids=ids.to(device), attention_mask=allowed[:, None].to(device),
+                      position_ids=position_ids.to(device), use_cache=False).last_hidden_state
+    index = torch.tensor(ends, device=device)  # (B, 2): last token of the chosen, of the rejected
+    rows_index = torch.arange(len(rows), device=device)[:, None]
+    scores = head(hidden[rows_index, index])[..., 0].float()  # (B, 2)
+    return scores[:, 0], scores[:, 1]
+
+
 def main(config: Config) -> dict:
+    """Train, save, and return the run's summary (`training` run to its end)."""
+    return run_to_end(training(config))
+
+
+def training(config: Config) -> Generator[dict, None, dict]:
+    """The stage, steppable: set up, then yield after each optimiser step; at the end evaluate, save, return the summary.
+
+    Each yield is that step's metrics and `batch_tokens`, the real (non-pad) tokens of the batch's 2B
+    conversations as the data holds them (the shared prompt counted in each). `main` runs it to the end.
+    """
     seed_everything(config.seed)
     device = pick_device(config.device)
     out = Path(config.output_dir)
@@ -100,11 +160,10 @@ def main(config: Config) -> dict:
     bar = tqdm(range(steps), desc="reward", unit="step")
     for step in bar:
         batch = [train_pairs[i] for i in next_batch(order, len(train_pairs), config.batch_size, rng)]
-        ids, attention = pad_right([c for c, _, _ in batch] + [r for _, r, _ in batch], pad_id)
         with autocast(device, config.bf16):
-            scores = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits[:, 0].float()
+            chosen_scores, rejected_scores = pair_scores(model, [(c, r) for c, r, _ in batch], pad_id, device)
         margin = torch.tensor([m for _, _, m in batch], device=device) if config.margin_field else None
-        loss, stats = bradley_terry_loss(scores[: len(batch)], scores[len(batch):], margin)
+        loss, stats = bradley_terry_loss(chosen_scores, rejected_scores, margin)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -112,6 +171,7 @@ def main(config: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         row = log.log(step, {"loss": loss.detach(), **stats, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]})
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+        yield {**row, "batch_tokens": sum(len(c) + len(r) for c, r, _ in batch)}
 
     # 4. held-out pairwise accuracy, and the score scale on the reference policy's own samples
     def pairwise_accuracy(subset):

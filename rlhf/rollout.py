@@ -6,6 +6,7 @@ so that log-probabilities recomputed later see the same padding and positions as
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,25 @@ class Rollout:
                        self.response_mask[index], self.ended[index], texts)
 
 
+@contextmanager
+def weights_cast_once(model, bf16: bool):
+    """Let autocast cast each fp32 weight to bf16 once per `generate` call instead of once per token.
+
+    Autocast keeps its bf16 copies only of leaf tensors that require grad; a frozen model's weights would be
+    cast again at every decode step, and decoding at small batches is bound by that memory traffic (measured
+    here on SmolLM2-135M, batch 8: 67 tokens/s frozen vs 111 with the casts kept). Under `no_grad` nothing is
+    recorded, so the flags are only switched on for the call and restored after.
+    """
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()] if bf16 else []
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ (ids with pad after the first EOS, mask True up to and including it, ended (B,))."""
     is_eos = response_ids == eos_id
@@ -67,6 +87,7 @@ def sample(
     bf16: bool = True,
     progress: bool = False,
     greedy: bool = False,
+    min_new_tokens: int = 0,
 ) -> Rollout:
     """Sample one response per prompt. Prompts are batched `batch_size` at a time (big batches are
     much faster on CPU: 270 tok/s at 96 vs 63 at 8), then stitched into one right-padded Rollout."""
@@ -81,7 +102,7 @@ def sample(
     for start in chunks:
         prompt_ids, prompt_mask = pad_left(encoded[start:start + batch_size], tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        with autocast(device, bf16):
+        with autocast(device, bf16), weights_cast_once(model, bf16):
             out = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
@@ -93,6 +114,7 @@ def sample(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
+                **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}),
             )
         pieces.append((prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:]))
     prompt_width = max(p.shape[1] for p, _, _ in pieces)
@@ -111,13 +133,16 @@ def sample(
                    [t.strip() for t in texts])
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False):
-    """One forward pass with positions that skip left padding (as in `generate`)."""
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False,
+                   logits_to_keep: int = 0):
+    """One forward pass with positions that skip left padding (as in `generate`); with `logits_to_keep` only the
+    last that many positions go through the vocabulary-wide LM head (0 = all)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         output_hidden_states=want_hidden,
         use_cache=False,
+        logits_to_keep=logits_to_keep,
     )
     return out.logits, (out.hidden_states[-1] if want_hidden else None)

@@ -5,7 +5,8 @@ What: maximise the likelihood of the demonstrated answers, with the loss on the 
 answer closed by the EOS token so the model learns to stop.
 Paper: Ouyang et al. 2022 (InstructGPT), step 1.
 Our deviations: token-level mean loss over the batch; examples longer than `max_length` are cut from
-the prompt's left (or skipped) and counted, never a crash.
+the prompt's left (or skipped) and counted, never a crash. Logits are computed only from the batch's
+shortest prompt's end on (`logits_to_keep`): earlier positions predict prompt tokens, which the loss ignores.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generator
 
 import torch
 
@@ -23,7 +25,7 @@ from rlhf.losses import sft_loss
 from rlhf.models import (add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer, merged_for_saving,
                          optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
 from rlhf.ops import logprobs_from_logits
-from rlhf.tracking import RunLog, say, seed_everything
+from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
 @dataclass
@@ -47,6 +49,16 @@ class Config:
 
 
 def main(config: Config) -> dict:
+    """Train, save, and return the run's summary (`training` run to its end)."""
+    return run_to_end(training(config))
+
+
+def training(config: Config) -> Generator[dict, None, dict]:
+    """The stage, steppable: set up, then yield after each optimiser step; at the end save and return the summary.
+
+    Each yield is that step's metrics (tensors, not synchronised) and `batch_tokens`, the real (non-pad)
+    tokens of the batch. `main` runs it to the end; a benchmark can time it step by step.
+    """
     seed_everything(config.seed)
     device = pick_device(config.device)
     out = Path(config.output_dir)
@@ -86,24 +98,31 @@ def main(config: Config) -> dict:
     for step in bar:
         batch = [examples[i] for i in next_batch(order, len(examples), config.batch_size, rng)]
         ids, attention = pad_right([p + r for p, r in batch], tokenizer.pad_token_id)
+        batch_tokens = int(attention.sum())
         # response_mask marks the positions whose token the loss asks the model to predict
         response_mask = torch.zeros_like(ids, dtype=torch.bool)
         for i, (p, r) in enumerate(batch):
             response_mask[i, len(p):len(p) + len(r)] = True
+        # logits only from the shortest prompt's last token on: earlier positions predict prompt tokens,
+        # which the loss ignores, and the LM head (vocabulary-wide) is a large share of the step
+        start = max(0, min(len(p) for p, _ in batch) - 1)
         ids, attention, response_mask = ids.to(device), attention.to(device), response_mask.to(device)
         with autocast(device, config.bf16):
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        logprobs = logprobs_from_logits(logits[:, :-1], ids[:, 1:])
-        loss, stats = sft_loss(logprobs, response_mask[:, 1:])
+            # logits[:, j] sits at position start + j and predicts token start + j + 1
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False,
+                           logits_to_keep=ids.shape[1] - start).logits
+        logprobs = logprobs_from_logits(logits[:, :-1], ids[:, start + 1:])
+        loss, stats = sft_loss(logprobs, response_mask[:, start + 1:])
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        metrics = {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
         if step % config.log_every == 0 or step == total_steps - 1:
-            row = log.log(step, {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm,
-                                 "lr": schedule.get_last_lr()[0]})
+            row = log.log(step, metrics)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
+        yield {"step": step, **metrics, "batch_tokens": batch_tokens}
     log.close()
 
     # 4. save a Hugging Face folder atomically, with the resolved config beside the weights

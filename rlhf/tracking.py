@@ -7,7 +7,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Generator
 
 import torch
 
@@ -24,6 +24,15 @@ def is_main() -> bool:
 def say(*args: Any) -> None:
     if is_main():
         print(*args, flush=True)
+
+
+def run_to_end(steps: Generator[Any, None, Any]) -> Any:
+    """Exhaust a stage's `training` generator (one yield per step) and return its return value, the summary."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
 
 
 def seed_everything(seed: int) -> None:

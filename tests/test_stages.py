@@ -154,3 +154,72 @@ def test_ppo_two_steps(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatc
         base = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
         untouched = [k for k in before if k in base]
         assert untouched and all(torch.equal(before[k], base[k]) for k in untouched)
+
+
+def test_ppo_separate_critic_model(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatch):
+    """critic: model is the four-model set-up: a trainable copy of the reward model gives the values."""
+    prompts = write_jsonl("prompts.jsonl", PROMPTS)
+    loaded = _spy_loaders(monkeypatch)
+    out = tmp_path / "ppo"
+    ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts), output_dir=str(out),
+                        steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=8, lr=1e-3, value_lr=1e-3,
+                        critic="model", bf16=False, gold=False))
+    rows = [json.loads(l) for l in (tmp_path / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["value_loss"] > 0 for r in rows)
+    (reward, reward_before), (critic, critic_before) = loaded["reward"]
+    assert all(torch.equal(reward_before[k], v) for k, v in reward.state_dict().items())  # the reward model is frozen
+    assert any(not torch.equal(critic_before[k], v) for k, v in critic.state_dict().items())  # the critic trained
+    assert not (out / "value_head.safetensors").exists()
+    assert changed(weights(tiny_model), weights(out))
+
+
+def test_ppo_critic_values_read_every_position(tiny_model, reward_dir):
+    """A separate critic's value at the last response position is its sequence score there (same head, same
+    hidden state), so the per-token values are the classifier's score read at every position."""
+    from rlhf.models import load_reward_model, load_tokenizer
+    from rlhf.rollout import Rollout
+
+    tokenizer = load_tokenizer(reward_dir)
+    critic = load_reward_model(reward_dir, torch.device("cpu"), tokenizer, trainable=False)
+    pad = critic.config.pad_token_id
+    prompt = torch.tensor([[pad, 5, 6, 7], [8, 9, 10, 11]])
+    prompt_mask = (prompt != pad).long()
+    response = torch.tensor([[12, 13, 14], [15, 16, 17]])
+    rollout = Rollout(prompt, prompt_mask, response, torch.ones_like(response, dtype=torch.bool),
+                      torch.ones(2, dtype=torch.bool), ["", ""])
+    values = ppo.critic_values(critic, rollout, bf16=False, device=torch.device("cpu"))
+    assert values.shape == (2, 3)
+    # the value before the last response token is the classifier's score of the sequence cut just before it
+    cut = Rollout(prompt, prompt_mask, response[:, :2], torch.ones(2, 2, dtype=torch.bool), torch.ones(2, dtype=torch.bool), ["", ""])
+    from rlhf.data import position_ids_from_mask
+
+    with torch.no_grad():
+        score = critic(input_ids=cut.input_ids, attention_mask=cut.attention_mask,
+                       position_ids=position_ids_from_mask(cut.attention_mask), use_cache=False).logits[:, 0]
+    assert torch.allclose(values[:, -1], score, atol=1e-5)
+
+
+def test_ppo_single_update_reuses_the_rollout_forward(tiny_model, reward_dir, write_jsonl, tmp_path):
+    """One epoch over one mini-batch: reusing the rollout's forward pass gives the update a second pass would."""
+    prompts = write_jsonl("prompts.jsonl", PROMPTS)
+    outs = {}
+    for reuse in (True, False):
+        out = tmp_path / f"ppo_{reuse}"
+        ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts), output_dir=str(out),
+                            steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8, lr=1e-3,
+                            reuse_rollout_forward=reuse, bf16=False, gold=False, monitor_every=0))
+        outs[reuse] = weights(out)
+    assert changed(weights(tiny_model), outs[True])
+    for name, tensor in outs[True].items():
+        assert torch.allclose(tensor, outs[False][name], atol=1e-6), name
+
+
+def test_weights_cast_once_restores_frozen_flags(tiny_model):
+    """Sampling a frozen model lets autocast keep its bf16 weight casts for the call, then leaves it frozen."""
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.rollout import sample
+
+    model = load_causal_lm(tiny_model, torch.device("cpu"), trainable=False)
+    rollout = sample(model, load_tokenizer(tiny_model), [[{"role": "user", "content": "hi"}]], 4, bf16=True)
+    assert rollout.response_ids.shape[0] == 1
+    assert not any(p.requires_grad for p in model.parameters())

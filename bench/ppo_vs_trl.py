@@ -1,0 +1,335 @@
+"""`rlhf ppo` against TRL 1.12's PPOTrainer (the last TRL with PPO), side by side in one process.
+
+A script, not a test: TRL 1.12 lives in its own environment (`make bench-env`, see bench/README.md).
+
+    .venv-trl112/bin/python bench/ppo_vs_trl.py                   # like-for-like, 10 timed steps
+    .venv-trl112/bin/python bench/ppo_vs_trl.py --tiny --steps 2  # smoke test of every code path (seconds)
+
+Like-for-like (the issue's setting): the embedded SmolLM2-135M-Instruct as policy and (a second copy)
+reference, a reward model and a separate critic both loaded from the same sequence-classifier folder (four
+models on both sides; ours with `critic: model`), batch 8, responses of at most 48 tokens at temperature 0.7,
+one PPO epoch over one mini-batch, the same learning rate for policy and critic, k1 KL with β = 0.05, missing-EOS
+penalty 1, raw (unnormalised) reward-model scores, bf16 autocast on both sides. TRL gets `<|endoftext|>` as its
+pad token: TRL 1.12 treats every pad id inside a sequence as padding, and SmolLM2's own pad is `<|im_end|>`, the
+turn end. TRL's PPOTrainer runs its own loop; a callback at each `on_step_end` times the TRL iteration that just
+ended and then runs one iteration of ours (`rlhf.ppo.training`, the generator `rlhf ppo` itself runs), so the two
+alternate. The first iteration of each is warm-up (ours includes loading its models) and is not counted.
+
+Reported per side: seconds per PPO iteration (median), episodes/s, response tokens/s, the share of the
+iteration spent generating, peak resident memory (each side alone in a child process), and the KL / score
+trajectories of the timed run. `--defaults` repeats the timing with each tool's recommended set-up instead
+(ours: the value head on the policy, 3 models; TRL: unchanged, it has no other). `--generation` compares the
+tokens/s of our sampler with transformers' `generate` on one batch, for a frozen and a trainable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from rlhf import ppo  # noqa: E402
+from rlhf.data import encode_prompt, read_prompts, resolve_data_path, write_jsonl  # noqa: E402
+from rlhf.models import build_tiny_model, load_tokenizer, resolve_model_path  # noqa: E402
+
+BATCH = 8
+RESPONSE_TOKENS = 48
+TEMPERATURE = 0.7
+BETA = 0.05
+LR = 3e-6  # TRL 1.12 PPOConfig's default learning rate
+EOS_PENALTY = 1.0
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_models(tmp: Path, tiny: bool) -> tuple[Path, Path]:
+    """(policy folder, reward-model folder): the reward model is the policy's backbone with a seeded score head,
+    saved once so that both tools load the very same weights."""
+    from transformers import AutoModelForSequenceClassification
+
+    policy_dir = build_tiny_model(tmp / "tiny_policy", seed=0) if tiny else resolve_model_path("default")
+    reward_dir = tmp / "reward"
+    if not (reward_dir / "config.json").is_file():
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
+        tokenizer = load_tokenizer(policy_dir)
+        model.config.pad_token_id = peer_pad_id(tokenizer)
+        model.save_pretrained(reward_dir)
+        tokenizer.save_pretrained(reward_dir)
+    return Path(policy_dir), reward_dir
+
+
+def peer_pad_id(tokenizer) -> int:
+    """`<|endoftext|>` where the vocabulary has it (SmolLM2), else a special token that is not EOS."""
+    token = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(token, int) and token != tokenizer.unk_token_id and token != tokenizer.eos_token_id:
+        return token
+    from rlhf.models import reward_pad_id
+
+    return reward_pad_id(tokenizer)
+
+
+def bench_prompts(count: int) -> list:
+    return read_prompts(resolve_data_path("builtin:prompts_train"))[:count]
+
+
+def trl_trainer(policy_dir: Path, reward_dir: Path, prompts: list, out: Path, steps: int, callbacks=()):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tokenizer = load_tokenizer(policy_dir)
+    tokenizer.pad_token_id = peer_pad_id(tokenizer)
+    tokenizer.padding_side = "left"
+    data = Dataset.from_list([{"input_ids": encode_prompt(tokenizer, p)} for p in prompts])
+    args = PPOConfig(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                     num_mini_batches=1, num_ppo_epochs=1, response_length=RESPONSE_TOKENS, temperature=TEMPERATURE,
+                     total_episodes=BATCH * steps, local_rollout_forward_batch_size=BATCH, learning_rate=LR,
+                     kl_coef=BETA, kl_estimator="k1", missing_eos_penalty=EOS_PENALTY, stop_token="eos",
+                     bf16=True, use_cpu=True, num_sample_generations=0, save_strategy="no", report_to="none",
+                     logging_steps=1, seed=0, disable_tqdm=True, gradient_checkpointing=False)
+    load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+    classifier = lambda: AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=torch.float32)  # noqa: E731
+    return PPOTrainer(args=args, processing_class=tokenizer, model=load(AutoModelForCausalLM, policy_dir),
+                      ref_model=load(AutoModelForCausalLM, policy_dir), reward_model=classifier(),
+                      value_model=classifier(), train_dataset=data, callbacks=list(callbacks))
+
+
+def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path, steps: int, critic: str) -> ppo.Config:
+    return ppo.Config(policy=str(policy_dir), reward_model=str(reward_dir), data=str(prompts_file), output_dir=str(out),
+                      steps=steps, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=1, max_new_tokens=RESPONSE_TOKENS,
+                      temperature=TEMPERATURE, lr=LR, value_lr=LR if critic == "model" else 1e-3, critic=critic,
+                      beta=BETA, kl_estimator="k1", normalize_reward=False, missing_eos_penalty=EOS_PENALTY, gold=False,
+                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=True, device="cpu", seed=0)
+
+
+class TimedGeneration:
+    """Wraps TRL's `batch_generation` to measure how long each TRL iteration spends generating."""
+
+    def __init__(self):
+        import trl.experimental.ppo.ppo_trainer as module
+
+        self.module, self.original, self.seconds = module, module.batch_generation, 0.0
+
+        def timed(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return self.original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - began
+
+        module.batch_generation = timed
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
+def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, critic: str) -> dict:
+    """TRL's loop with one iteration of ours after each of TRL's; per-iteration times and metrics of both."""
+    from transformers import TrainerCallback
+
+    prompts = bench_prompts(BATCH * (steps + 1) * 2)
+    prompts_file = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    ours_steps = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / f"ours_{critic}", steps, critic))
+    generation = TimedGeneration()
+    record = {"trl": [], "ours": []}
+
+    class Alternate(TrainerCallback):
+        mark = 0.0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            generation.take()
+            self.mark = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "objective/kl" in logs:
+                self.logs = logs
+
+        def on_step_end(self, args, state, control, **kwargs):
+            trl_seconds = time.perf_counter() - self.mark
+            logs = getattr(self, "logs", {})
+            record["trl"].append({"seconds": trl_seconds, "generation_seconds": generation.take(),
+                                  "kl": logs.get("objective/kl"), "score": logs.get("objective/scores"),
+                                  "response_tokens": None})
+            began = time.perf_counter()
+            row = next(ours_steps)
+            record["ours"].append({"seconds": time.perf_counter() - began, "generation_seconds": row["generation_seconds"],
+                                   "kl": row["kl"], "score": row["score"],
+                                   "response_tokens": row["response_length"] * BATCH})
+            self.mark = time.perf_counter()
+
+    trainer = trl_trainer(policy_dir, reward_dir, prompts, tmp / "trl", steps, callbacks=[Alternate()])
+    trainer.train()
+    return record
+
+
+def summarise(record: dict) -> dict:
+    out = {}
+    for side, rows in record.items():
+        timed = rows[1:]  # the first iteration is warm-up
+        seconds = statistics.median(r["seconds"] for r in timed)
+        generation = statistics.median(r["generation_seconds"] / r["seconds"] for r in timed)
+        tokens = [r["response_tokens"] for r in timed if r["response_tokens"] is not None]
+        out[side] = {"s_per_iteration": seconds, "episodes_per_s": BATCH / seconds, "generation_share": generation,
+                     "response_tokens_per_s": (statistics.median(t / r["seconds"] for t, r in zip(tokens, timed))
+                                               if tokens else None),
+                     "kl": [r["kl"] for r in rows], "score": [r["score"] for r in rows],
+                     "seconds": [round(r["seconds"], 2) for r in rows]}
+    return out
+
+
+def child_peak_memory(side: str, tiny: bool, tmp: Path, critic: str) -> float:
+    """Peak RSS of one side alone (3 iterations), in its own process."""
+    command = [sys.executable, __file__, "--memory-child", side, "--critic", critic, "--workdir", str(tmp)]
+    if tiny:
+        command.append("--tiny")
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    for line in result.stdout.splitlines():
+        if line.startswith("PEAK_RSS_MIB "):
+            return float(line.split()[1])
+    raise RuntimeError(f"memory child '{side}' failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+
+
+def memory_child(side: str, tiny: bool, tmp: Path, critic: str) -> None:
+    policy_dir, reward_dir = build_models(tmp, tiny)
+    prompts = bench_prompts(BATCH * 4)
+    steps = 3
+    if side == "trl":
+        trl_trainer(policy_dir, reward_dir, prompts, tmp / "mem_trl", steps).train()
+    else:
+        prompts_file = write_jsonl(tmp / "mem_prompts.jsonl", [{"prompt": p} for p in prompts])
+        run = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / "mem_ours", steps, critic))
+        for _ in range(steps):
+            next(run)
+    print(f"PEAK_RSS_MIB {peak_rss_mib():.1f}", flush=True)
+
+
+def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
+    """Tokens/s of our sampler (`rlhf.rollout.sample`) and of transformers' `generate` under bf16 autocast, on the
+    same batch of 8 prompts, 48 new tokens forced (min_new_tokens), the same sampling settings; median of `repeats`
+    after one warm-up. Two models: a frozen one (as `rlhf pairs` and `rlhf eval` load it) and a trainable one
+    (as PPO's policy, and TRL's, is)."""
+    from rlhf.models import autocast, load_causal_lm
+    from rlhf.rollout import sample
+    from rlhf.data import pad_left
+
+    tokenizer = load_tokenizer(policy_dir)
+    prompts = bench_prompts(BATCH)
+    ids, mask = pad_left([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    result = {}
+    for kind in ("frozen", "trainable"):
+        model = load_causal_lm(policy_dir, torch.device("cpu"), trainable=kind == "trainable")
+
+        def hf():
+            with torch.no_grad(), autocast(torch.device("cpu"), True):
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=RESPONSE_TOKENS, do_sample=True,
+                                     temperature=TEMPERATURE, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, min_new_tokens=RESPONSE_TOKENS)
+            return (out.shape[1] - ids.shape[1]) * BATCH
+
+        def ours():
+            rollout = sample(model, tokenizer, prompts, RESPONSE_TOKENS, TEMPERATURE, batch_size=BATCH, bf16=True,
+                             min_new_tokens=RESPONSE_TOKENS)
+            return rollout.response_ids.shape[1] * BATCH
+
+        for name, run in (("transformers_generate", hf), ("ours", ours)):
+            rates = []
+            for repeat in range(repeats + 1):
+                torch.manual_seed(repeat)
+                began = time.perf_counter()
+                tokens = run()
+                if repeat:  # the first is warm-up
+                    rates.append(tokens / (time.perf_counter() - began))
+            result[f"{kind}_{name}_tok_per_s"] = statistics.median(rates)
+        result[f"{kind}_ratio"] = result[f"{kind}_ours_tok_per_s"] / result[f"{kind}_transformers_generate_tok_per_s"]
+    return result
+
+
+def print_table(title: str, summary: dict) -> None:
+    ours, trl = summary["ours"], summary["trl"]
+    print(f"\n== {title} ==")
+    print(f"{'':34s}{'ours':>12s}{'TRL 1.12':>12s}")
+    print(f"{'s / PPO iteration (median)':34s}{ours['s_per_iteration']:12.2f}{trl['s_per_iteration']:12.2f}")
+    print(f"{'episodes / s':34s}{ours['episodes_per_s']:12.3f}{trl['episodes_per_s']:12.3f}")
+    print(f"{'generation share of the iteration':34s}{ours['generation_share']:12.0%}{trl['generation_share']:12.0%}")
+    if ours["response_tokens_per_s"]:
+        print(f"{'response tokens / s (ours)':34s}{ours['response_tokens_per_s']:12.1f}")
+    if "peak_rss_mib" in ours:
+        print(f"{'peak RSS, alone (MiB)':34s}{ours['peak_rss_mib']:12.0f}{trl['peak_rss_mib']:12.0f}")
+    print(f"throughput ours / TRL = {trl['s_per_iteration'] / ours['s_per_iteration']:.2f}x")
+    print("per-iteration seconds  ours:", ours["seconds"], " TRL:", trl["seconds"])
+    for key in ("kl", "score"):
+        print(f"{key:6s} ours: {[round(v, 3) for v in ours[key]]}")
+        print(f"{key:6s} TRL : {[round(v, 3) if v is not None else None for v in trl[key]]}")
+    kl_o, kl_t = statistics.mean(ours["kl"]), statistics.mean(v for v in trl["kl"] if v is not None)
+    sc_o, sc_t = statistics.mean(ours["score"]), statistics.mean(v for v in trl["score"] if v is not None)
+    print(f"mean over the run: KL ours {kl_o:.3f} vs TRL {kl_t:.3f}; score ours {sc_o:.3f} vs TRL {sc_t:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed PPO iterations per side (plus one warm-up)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (smoke test)")
+    parser.add_argument("--defaults", action="store_true", help="also time ours with its default 3-model set-up")
+    parser.add_argument("--generation", action="store_true", help="also compare generation tokens/s")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", default="", help="write the results here")
+    parser.add_argument("--critic", default="model", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    if args.memory_child:
+        memory_child(args.memory_child, args.tiny, Path(args.workdir), args.critic)
+        return
+
+    import trl
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+          f"{os.cpu_count()} CPU threads")
+    results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}}
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        policy_dir, reward_dir = build_models(tmp, args.tiny)
+        settings = [("model", "like-for-like: four models, bf16 autocast, batch 8, 48-token responses, 1 PPO epoch")]
+        if args.defaults:
+            settings.append(("head", "defaults: ours with the value head on the policy (3 models); TRL as above"))
+        for critic, title in settings:
+            summary = summarise(alternate(policy_dir, reward_dir, tmp, args.steps + 1, critic))
+            if not args.skip_memory:
+                for side in ("ours", "trl"):
+                    summary[side]["peak_rss_mib"] = child_peak_memory(side, args.tiny, tmp, critic)
+            print_table(title, summary)
+            results[f"critic_{critic}"] = summary
+        if args.generation:
+            gen = generation_check(policy_dir)
+            print("\n== generation, batch 8, 48 new tokens, bf16 ==")
+            for key, value in gen.items():
+                print(f"{key:40s}{value:10.2f}")
+            results["generation"] = gen
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
