@@ -4,6 +4,8 @@ A script, not a test: TRL 1.12 lives in its own environment (`make bench-env`, s
 
     .venv-trl112/bin/python bench/ppo_vs_trl.py                   # like-for-like, 10 timed steps
     .venv-trl112/bin/python bench/ppo_vs_trl.py --tiny --steps 2  # smoke test of every code path (seconds)
+    python bench/ppo_vs_trl.py --device cuda --model qwen2-0.5b --generation --bandwidth_gbs 3350 --peak_tflops 989
+                                                                 # on a GPU (see "On a GPU" below)
 
 Like-for-like (the issue's setting): the embedded SmolLM2-135M-Instruct as policy and (a second copy)
 reference, a reward model and a separate critic both loaded from the same sequence-classifier folder (four
@@ -20,6 +22,12 @@ iteration spent generating, peak resident memory (each side alone in a child pro
 trajectories of the timed run. `--defaults` repeats the timing with each tool's recommended set-up instead
 (ours: the value head on the policy, 3 models; TRL: unchanged, it has no other). `--generation` compares the
 tokens/s of our sampler with transformers' `generate` on one batch, for a frozen and a trainable model.
+
+On a GPU (`--device cuda`): peak memory is `torch.cuda.max_memory_allocated` of each side alone; `--model
+qwen2-0.5b` builds a model of Qwen2-0.5B's shape with random weights (nothing can be downloaded; the
+vocabulary is the embedded tokenizer's 49,152 tokens instead of Qwen2's 151,936); `--bandwidth_gbs` prints
+generation tokens/s against the memory-bandwidth bound (every bf16 weight read once per decode step) and
+`--peak_tflops` our training MFU (6 · parameters · trained tokens per second, policy and critic).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from rlhf.data import encode_prompt, read_prompts, resolve_data_path, write_json
 from rlhf.models import build_tiny_model, load_tokenizer, resolve_model_path  # noqa: E402
 
 BATCH = 8
+MODEL = "smollm2"  # smollm2 | tiny | qwen2-0.5b (set from the command line)
+DEVICE = "cpu"
 RESPONSE_TOKENS = 48
 TEMPERATURE = 0.7
 BETA = 0.05
@@ -58,12 +68,31 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def build_models(tmp: Path, tiny: bool) -> tuple[Path, Path]:
+def build_qwen2_shaped(out: Path) -> Path:
+    """A model of Qwen2-0.5B's shape (24 layers, hidden 896, 14 heads, 2 KV heads, MLP 4864, tied embeddings)
+    with seeded random weights and the embedded tokenizer (so its vocabulary: 49,152)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = load_tokenizer(resolve_model_path("default"))
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_models(tmp: Path) -> tuple[Path, Path]:
     """(policy folder, reward-model folder): the reward model is the policy's backbone with a seeded score head,
     saved once so that both tools load the very same weights."""
     from transformers import AutoModelForSequenceClassification
 
-    policy_dir = build_tiny_model(tmp / "tiny_policy", seed=0) if tiny else resolve_model_path("default")
+    policy_dir = {"tiny": lambda: build_tiny_model(tmp / "tiny_policy", seed=0),
+                  "qwen2-0.5b": lambda: build_qwen2_shaped(tmp / "qwen2_shaped")}.get(MODEL, lambda: resolve_model_path("default"))()
     reward_dir = tmp / "reward"
     if not (reward_dir / "config.json").is_file():
         torch.manual_seed(0)
@@ -102,7 +131,7 @@ def trl_trainer(policy_dir: Path, reward_dir: Path, prompts: list, out: Path, st
                      num_mini_batches=1, num_ppo_epochs=1, response_length=RESPONSE_TOKENS, temperature=TEMPERATURE,
                      total_episodes=BATCH * steps, local_rollout_forward_batch_size=BATCH, learning_rate=LR,
                      kl_coef=BETA, kl_estimator="k1", missing_eos_penalty=EOS_PENALTY, stop_token="eos",
-                     bf16=True, use_cpu=True, num_sample_generations=0, save_strategy="no", report_to="none",
+                     bf16=True, use_cpu=DEVICE == "cpu", num_sample_generations=0, save_strategy="no", report_to="none",
                      logging_steps=1, seed=0, disable_tqdm=True, gradient_checkpointing=False)
     load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32)  # noqa: E731
     classifier = lambda: AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=torch.float32)  # noqa: E731
@@ -116,7 +145,7 @@ def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path
                       steps=steps, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=1, max_new_tokens=RESPONSE_TOKENS,
                       temperature=TEMPERATURE, lr=LR, value_lr=LR if critic == "model" else 1e-3, critic=critic,
                       beta=BETA, kl_estimator="k1", normalize_reward=False, missing_eos_penalty=EOS_PENALTY, gold=False,
-                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=True, device="cpu", seed=0)
+                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=True, device=DEVICE, seed=0)
 
 
 class TimedGeneration:
@@ -195,11 +224,14 @@ def summarise(record: dict) -> dict:
     return out
 
 
-def child_peak_memory(side: str, tiny: bool, tmp: Path, critic: str) -> float:
-    """Peak RSS of one side alone (3 iterations), in its own process."""
-    command = [sys.executable, __file__, "--memory-child", side, "--critic", critic, "--workdir", str(tmp)]
-    if tiny:
-        command.append("--tiny")
+def peak_memory_mib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else peak_rss_mib()
+
+
+def child_peak_memory(side: str, tmp: Path, critic: str) -> float:
+    """Peak memory of one side alone (3 iterations), in its own process: RSS on CPU, allocated memory on a GPU."""
+    command = [sys.executable, __file__, "--memory-child", side, "--critic", critic, "--workdir", str(tmp),
+               "--model", MODEL, "--device", DEVICE]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     for line in result.stdout.splitlines():
         if line.startswith("PEAK_RSS_MIB "):
@@ -207,8 +239,8 @@ def child_peak_memory(side: str, tiny: bool, tmp: Path, critic: str) -> float:
     raise RuntimeError(f"memory child '{side}' failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
 
 
-def memory_child(side: str, tiny: bool, tmp: Path, critic: str) -> None:
-    policy_dir, reward_dir = build_models(tmp, tiny)
+def memory_child(side: str, tmp: Path, critic: str) -> None:
+    policy_dir, reward_dir = build_models(tmp)
     prompts = bench_prompts(BATCH * 4)
     steps = 3
     if side == "trl":
@@ -218,7 +250,12 @@ def memory_child(side: str, tiny: bool, tmp: Path, critic: str) -> None:
         run = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / "mem_ours", steps, critic))
         for _ in range(steps):
             next(run)
-    print(f"PEAK_RSS_MIB {peak_rss_mib():.1f}", flush=True)
+    print(f"PEAK_RSS_MIB {peak_memory_mib():.1f}", flush=True)
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
@@ -235,11 +272,11 @@ def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
     ids, mask = pad_left([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     result = {}
     for kind in ("frozen", "trainable"):
-        model = load_causal_lm(policy_dir, torch.device("cpu"), trainable=kind == "trainable")
+        model = load_causal_lm(policy_dir, torch.device(DEVICE), trainable=kind == "trainable")
 
         def hf():
-            with torch.no_grad(), autocast(torch.device("cpu"), True):
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=RESPONSE_TOKENS, do_sample=True,
+            with torch.no_grad(), autocast(torch.device(DEVICE), True):
+                out = model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=RESPONSE_TOKENS, do_sample=True,
                                      temperature=TEMPERATURE, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id, min_new_tokens=RESPONSE_TOKENS)
             return (out.shape[1] - ids.shape[1]) * BATCH
@@ -253,13 +290,38 @@ def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
             rates = []
             for repeat in range(repeats + 1):
                 torch.manual_seed(repeat)
+                synchronize()
                 began = time.perf_counter()
                 tokens = run()
+                synchronize()
                 if repeat:  # the first is warm-up
                     rates.append(tokens / (time.perf_counter() - began))
             result[f"{kind}_{name}_tok_per_s"] = statistics.median(rates)
         result[f"{kind}_ratio"] = result[f"{kind}_ours_tok_per_s"] / result[f"{kind}_transformers_generate_tok_per_s"]
     return result
+
+
+def parameter_count(policy_dir: Path) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(policy_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def bandwidth_bound(policy_dir: Path, bandwidth_gbs: float) -> float:
+    """Tokens/s if every decode step read each bf16 weight once and nothing else (KV cache ignored)."""
+    return BATCH * bandwidth_gbs * 1e9 / (2 * parameter_count(policy_dir))
+
+
+def training_mfu(ours: dict, policy_dir: Path, peak_tflops: float) -> float:
+    """6 · N · tokens for the policy and for the critic (same size) per iteration, over the iteration's time
+    outside generation; tokens = the batch's prompt + response positions (the rollout's padded width)."""
+    prompts = bench_prompts(BATCH)
+    tokenizer = load_tokenizer(policy_dir)
+    width = max(len(encode_prompt(tokenizer, p)) for p in prompts) + RESPONSE_TOKENS
+    seconds = ours["s_per_iteration"] * (1 - ours["generation_share"])
+    return 2 * 6 * parameter_count(policy_dir) * BATCH * width / seconds / (peak_tflops * 1e12)
 
 
 def print_table(title: str, summary: dict) -> None:
@@ -272,7 +334,8 @@ def print_table(title: str, summary: dict) -> None:
     if ours["response_tokens_per_s"]:
         print(f"{'response tokens / s (ours)':34s}{ours['response_tokens_per_s']:12.1f}")
     if "peak_rss_mib" in ours:
-        print(f"{'peak RSS, alone (MiB)':34s}{ours['peak_rss_mib']:12.0f}{trl['peak_rss_mib']:12.0f}")
+        label = "peak GPU memory, alone (MiB)" if DEVICE == "cuda" else "peak RSS, alone (MiB)"
+        print(f"{label:34s}{ours['peak_rss_mib']:12.0f}{trl['peak_rss_mib']:12.0f}")
     print(f"throughput ours / TRL = {trl['s_per_iteration'] / ours['s_per_iteration']:.2f}x")
     print("per-iteration seconds  ours:", ours["seconds"], " TRL:", trl["seconds"])
     for key in ("kl", "score"):
@@ -287,6 +350,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed PPO iterations per side (plus one warm-up)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead of SmolLM2 (smoke test)")
+    parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny", "qwen2-0.5b"),
+                        help="smollm2 (the embedded model), tiny, or qwen2-0.5b (its shape, random weights)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--bandwidth_gbs", type=float, default=0.0, help="memory bandwidth, for the generation bound")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="the chip's dense bf16 peak, for MFU")
     parser.add_argument("--defaults", action="store_true", help="also time ours with its default 3-model set-up")
     parser.add_argument("--generation", action="store_true", help="also compare generation tokens/s")
     parser.add_argument("--skip-memory", action="store_true")
@@ -295,11 +363,13 @@ def main() -> None:
     parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL, DEVICE
+    MODEL, DEVICE = ("tiny" if args.tiny else args.model), args.device
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
 
     if args.memory_child:
-        memory_child(args.memory_child, args.tiny, Path(args.workdir), args.critic)
+        memory_child(args.memory_child, Path(args.workdir), args.critic)
         return
 
     import trl
@@ -310,7 +380,7 @@ def main() -> None:
     results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        policy_dir, reward_dir = build_models(tmp, args.tiny)
+        policy_dir, reward_dir = build_models(tmp)
         settings = [("model", "like-for-like: four models, bf16 autocast, batch 8, 48-token responses, 1 PPO epoch")]
         if args.defaults:
             settings.append(("head", "defaults: ours with the value head on the policy (3 models); TRL as above"))
@@ -318,11 +388,18 @@ def main() -> None:
             summary = summarise(alternate(policy_dir, reward_dir, tmp, args.steps + 1, critic))
             if not args.skip_memory:
                 for side in ("ours", "trl"):
-                    summary[side]["peak_rss_mib"] = child_peak_memory(side, args.tiny, tmp, critic)
+                    summary[side]["peak_rss_mib"] = child_peak_memory(side, tmp, critic)
+            if args.peak_tflops:
+                summary["ours"]["training_mfu"] = training_mfu(summary["ours"], policy_dir, args.peak_tflops)
+                print(f"our training MFU (policy and critic, 6·N·tokens over the non-generation time): "
+                      f"{summary['ours']['training_mfu']:.1%}")
             print_table(title, summary)
             results[f"critic_{critic}"] = summary
         if args.generation:
             gen = generation_check(policy_dir)
+            if args.bandwidth_gbs:
+                gen["bandwidth_bound_tok_per_s"] = bandwidth_bound(policy_dir, args.bandwidth_gbs)
+                gen["ours_share_of_bound"] = gen["trainable_ours_tok_per_s"] / gen["bandwidth_bound_tok_per_s"]
             print("\n== generation, batch 8, 48 new tokens, bf16 ==")
             for key, value in gen.items():
                 print(f"{key:40s}{value:10.2f}")

@@ -9,8 +9,9 @@ with PPO" (EOS truncation, missing-EOS penalty, reward normalisation, dropout of
 Our deviations: by default (`critic: head`) the critic is a zero-initialised linear value head on the
 policy's last hidden state (the cheap option on one CPU: one forward pass gives logits and values);
 `critic: model` is the classic set-up of four models (a separate critic started from the reward model,
-as in Ouyang et al. and TRL), which is what the side-by-side benchmark against TRL uses. The reference is the same weights with the LoRA adapter off when
-LoRA is on. Scores are normalised with the mean/std the reward stage measured on reference samples.
+as in Ouyang et al. and TRL), which the side-by-side benchmark against TRL uses. The reference is the
+same weights with the LoRA adapter off when LoRA is on. Scores are normalised with the mean/std the
+reward stage measured on reference samples.
 Reward-hacking monitor: every `monitor_every` steps the policy answers a fixed held-out batch (same prompts,
 same sampling seed), which the gold judge and the reward model both score; the scores are only logged, and
 a WARNING is printed when the reward model's score keeps rising while the gold score falls, or when the
