@@ -168,7 +168,7 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = True, dtype: torch.dtype = torch.float32):
+def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = True):
     """A causal LM in float32 (under bf16 autocast the matmuls run in bf16 while the residual stream stays float32).
 
     Frozen models stay float32 too: a bf16-stored reference would differ from the autocast policy by ~0.3 nats
@@ -176,7 +176,7 @@ def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = Tru
     KL penalty."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     disable_dropout(model)
     model.to(device)
     model.eval()  # dropout is off anyway; eval() also keeps any other train-only behaviour off
@@ -185,8 +185,7 @@ def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = Tru
     return model
 
 
-def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainable: bool = True,
-                      dtype: torch.dtype = torch.float32):
+def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainable: bool = True):
     """A sequence classifier with one output; from a causal LM folder its score head starts fresh."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -194,7 +193,7 @@ def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainab
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = reward_pad_id(tokenizer)
