@@ -32,8 +32,8 @@ from rlhf import config as cfg
 from rlhf import losses
 from rlhf.data import (LengthPolicy, encode_prompt, encode_response, next_batch, no_preference, pad_right, parse_preference,
                        read_records, resolve_data_path)
-from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm,
-                         load_tokenizer, merged_for_saving, optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
+from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer,
+                         merged_for_saving, optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
 from rlhf.ops import logprobs_from_logits, masked_sum
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 

@@ -326,13 +326,13 @@ def training(config: Config) -> Iterator[dict]:
             write_jsonl(log.out_dir / "monitor_samples.jsonl", monitor_samples)
         row = log.log(step, metrics)
         history.append(row)
-        yield row
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
         if step % config.sample_every == 0 or step == config.steps - 1:
             for i in range(min(3, len(batch_prompts))):
                 samples.append({"step": step, "prompt": prompt_text(batch_prompts[i]), "response": rollout.texts[i],
                                 "score": round(scores[i].item(), 3),
                                 **({"gold": round(gold_scores[i], 3)} if gold_scores else {})})
+        yield row
     log.close()
 
     # 8. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it
