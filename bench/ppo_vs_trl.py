@@ -2,7 +2,7 @@
 
 A script, not a test: TRL 1.12 lives in its own environment (`make bench-env`, see bench/README.md).
 
-    .venv-trl112/bin/python bench/ppo_vs_trl.py                   # like-for-like, 10 timed steps
+    .venv-trl112/bin/python bench/ppo_vs_trl.py                   # like-for-like, fp32 and bf16, 10 timed steps each
     .venv-trl112/bin/python bench/ppo_vs_trl.py --tiny --steps 2  # smoke test of every code path (seconds)
     python bench/ppo_vs_trl.py --device cuda --model qwen2-0.5b --generation --bandwidth_gbs 3350 --peak_tflops 989
                                                                  # on a GPU (see "On a GPU" below)
@@ -11,16 +11,21 @@ Like-for-like (the issue's setting): the embedded SmolLM2-135M-Instruct as polic
 reference, a reward model and a separate critic both loaded from the same sequence-classifier folder (four
 models on both sides; ours with `critic: model`), batch 8, responses of at most 48 tokens at temperature 0.7,
 one PPO epoch over one mini-batch, the same learning rate for policy and critic, k1 KL with β = 0.05, missing-EOS
-penalty 1, raw (unnormalised) reward-model scores, bf16 autocast on both sides. TRL gets `<|endoftext|>` as its
-pad token: TRL 1.12 treats every pad id inside a sequence as padding, and SmolLM2's own pad is `<|im_end|>`, the
+penalty 1, raw (unnormalised) reward-model scores, the same precision on both sides. TRL gets `<|endoftext|>` as
+its pad token: TRL 1.12 treats every pad id inside a sequence as padding, and SmolLM2's own pad is `<|im_end|>`, the
 turn end. TRL's PPOTrainer runs its own loop; a callback at each `on_step_end` times the TRL iteration that just
 ended and then runs one iteration of ours (`rlhf.ppo.training`, the generator `rlhf ppo` itself runs), so the two
 alternate. The first iteration of each is warm-up (ours includes loading its models) and is not counted.
 
+Precision: TRL 1.12's PPOTrainer makes its own `Accelerator` with no mixed precision, so `bf16=True` in its config
+changes nothing on CPU: every forward pass, generation included, runs in fp32. Two like-for-like settings follow
+from that (`--settings`): `fp32`, ours in fp32 against TRL as it runs; and `bf16`, both under bf16 autocast, TRL's
+put on by this harness (see `trl_trainer`). `defaults` (or `--defaults`) pairs ours as recommended (bf16, the value
+head on the policy: 3 models) with TRL as shipped (bf16=True, hence fp32).
+
 Reported per side: seconds per PPO iteration (median), episodes/s, response tokens/s, the share of the
 iteration spent generating, peak resident memory (each side alone in a child process), and the KL / score
-trajectories of the timed run. `--defaults` repeats the timing with each tool's recommended set-up instead
-(ours: the value head on the policy, 3 models; TRL: unchanged, it has no other). `--generation` compares the
+trajectories of the timed run. `--generation` compares the
 tokens/s of our sampler with transformers' `generate` on one batch, for a frozen and a trainable model.
 
 On a GPU (`--device cuda`): peak memory is `torch.cuda.max_memory_allocated` of each side alone; `--model
@@ -118,7 +123,31 @@ def bench_prompts(count: int) -> list:
     return read_prompts(resolve_data_path("builtin:prompts_train"))[:count]
 
 
-def trl_trainer(policy_dir: Path, reward_dir: Path, prompts: list, out: Path, steps: int, callbacks=()):
+# name → (critic of ours, ours under bf16 autocast, TRL's models under bf16 autocast put on by this harness, title)
+SETTINGS = {
+    "fp32": ("model", False, False, "like-for-like, fp32: four models, batch 8, 48-token responses, 1 PPO epoch; both sides fp32"),
+    "bf16": ("model", True, True, "like-for-like, bf16 autocast: as above, both sides under bf16 autocast (TRL's put on by the harness)"),
+    "defaults": ("head", True, False, "defaults: ours bf16 with the value head on the policy (3 models); TRL 1.12 as shipped, "
+                                      "bf16=True (which its PPOTrainer does not apply: fp32)"),
+}
+
+
+def in_autocast(function):
+    """`function` run inside a bf16 autocast region (on DEVICE)."""
+    def wrapped(*args, **kwargs):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return function(*args, **kwargs)
+    return wrapped
+
+
+def trl_trainer(policy_dir: Path, reward_dir: Path, prompts: list, out: Path, steps: int, callbacks=(),
+                autocast: bool = False):
+    """TRL 1.12's PPOTrainer with the like-for-like settings. TRL 1.12 builds its own `Accelerator` without a mixed
+    precision (ppo_trainer.py: `Accelerator(gradient_accumulation_steps=...)`), so its `bf16=True` is not applied:
+    every forward pass runs in fp32 (checked with forward hooks). With `autocast` this harness puts bf16 autocast on
+    each of TRL's forward passes, as accelerate does for a prepared model: the policy's and both sequence
+    classifiers' backbones (TRL calls the backbones directly), and one region around each `batch_generation` call
+    (in `TimedGeneration`), so that generation casts the weights once per call, as ours does."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -131,38 +160,50 @@ def trl_trainer(policy_dir: Path, reward_dir: Path, prompts: list, out: Path, st
                      num_mini_batches=1, num_ppo_epochs=1, response_length=RESPONSE_TOKENS, temperature=TEMPERATURE,
                      total_episodes=BATCH * steps, local_rollout_forward_batch_size=BATCH, learning_rate=LR,
                      kl_coef=BETA, kl_estimator="k1", missing_eos_penalty=EOS_PENALTY, stop_token="eos",
-                     bf16=True, use_cpu=DEVICE == "cpu", num_sample_generations=0, save_strategy="no", report_to="none",
+                     bf16=autocast, use_cpu=DEVICE == "cpu", num_sample_generations=0, save_strategy="no", report_to="none",
                      logging_steps=1, seed=0, disable_tqdm=True, gradient_checkpointing=False)
     load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32)  # noqa: E731
     classifier = lambda: AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=torch.float32)  # noqa: E731
-    return PPOTrainer(args=args, processing_class=tokenizer, model=load(AutoModelForCausalLM, policy_dir),
-                      ref_model=load(AutoModelForCausalLM, policy_dir), reward_model=classifier(),
-                      value_model=classifier(), train_dataset=data, callbacks=list(callbacks))
+    policy, reference = load(AutoModelForCausalLM, policy_dir), load(AutoModelForCausalLM, policy_dir)
+    reward, value = classifier(), classifier()
+    if autocast:
+        for model in (policy, reference):
+            model.forward = in_autocast(model.forward)
+        for model in (reward, value):
+            backbone = getattr(model, model.base_model_prefix)
+            backbone.forward = in_autocast(backbone.forward)
+    return PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference, reward_model=reward,
+                      value_model=value, train_dataset=data, callbacks=list(callbacks))
 
 
-def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path, steps: int, critic: str) -> ppo.Config:
+def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path, steps: int, critic: str,
+               bf16: bool) -> ppo.Config:
     return ppo.Config(policy=str(policy_dir), reward_model=str(reward_dir), data=str(prompts_file), output_dir=str(out),
                       steps=steps, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=1, max_new_tokens=RESPONSE_TOKENS,
                       temperature=TEMPERATURE, lr=LR, value_lr=LR if critic == "model" else 1e-3, critic=critic,
                       beta=BETA, kl_estimator="k1", normalize_reward=False, missing_eos_penalty=EOS_PENALTY, gold=False,
-                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=True, device=DEVICE, seed=0)
+                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16, device=DEVICE, seed=0)
 
 
 class TimedGeneration:
     """Wraps TRL's `batch_generation` to measure how long each TRL iteration spends generating."""
 
-    def __init__(self):
+    def __init__(self, autocast: bool):
         import trl.experimental.ppo.ppo_trainer as module
 
         self.module, self.original, self.seconds = module, module.batch_generation, 0.0
+        if getattr(self.original, "timed_original", None):  # a second setting in the same process
+            self.original = self.original.timed_original
+        original = in_autocast(self.original) if autocast else self.original
 
         def timed(*args, **kwargs):
             began = time.perf_counter()
             try:
-                return self.original(*args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - began
 
+        timed.timed_original = self.original
         module.batch_generation = timed
 
     def take(self) -> float:
@@ -170,14 +211,16 @@ class TimedGeneration:
         return seconds
 
 
-def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, critic: str) -> dict:
+def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, setting: str) -> dict:
     """TRL's loop with one iteration of ours after each of TRL's; per-iteration times and metrics of both."""
     from transformers import TrainerCallback
 
     prompts = bench_prompts(BATCH * (steps + 1) * 2)
     prompts_file = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    ours_steps = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / f"ours_{critic}", steps, critic))
-    generation = TimedGeneration()
+    critic, ours_bf16, trl_autocast, _ = SETTINGS[setting]
+    ours_steps = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / f"ours_{setting}", steps, critic,
+                                         ours_bf16))
+    generation = TimedGeneration(trl_autocast)
     record = {"trl": [], "ours": []}
 
     class Alternate(TrainerCallback):
@@ -204,7 +247,8 @@ def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, critic:
                                    "response_tokens": row["response_length"] * BATCH})
             self.mark = time.perf_counter()
 
-    trainer = trl_trainer(policy_dir, reward_dir, prompts, tmp / "trl", steps, callbacks=[Alternate()])
+    trainer = trl_trainer(policy_dir, reward_dir, prompts, tmp / f"trl_{setting}", steps, callbacks=[Alternate()],
+                          autocast=trl_autocast)
     trainer.train()
     return record
 
@@ -228,9 +272,9 @@ def peak_memory_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else peak_rss_mib()
 
 
-def child_peak_memory(side: str, tmp: Path, critic: str) -> float:
+def child_peak_memory(side: str, tmp: Path, setting: str) -> float:
     """Peak memory of one side alone (3 iterations), in its own process: RSS on CPU, allocated memory on a GPU."""
-    command = [sys.executable, __file__, "--memory-child", side, "--critic", critic, "--workdir", str(tmp),
+    command = [sys.executable, __file__, "--memory-child", side, "--setting", setting, "--workdir", str(tmp),
                "--model", MODEL, "--device", DEVICE]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     for line in result.stdout.splitlines():
@@ -239,15 +283,17 @@ def child_peak_memory(side: str, tmp: Path, critic: str) -> float:
     raise RuntimeError(f"memory child '{side}' failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
 
 
-def memory_child(side: str, tmp: Path, critic: str) -> None:
+def memory_child(side: str, tmp: Path, setting: str) -> None:
     policy_dir, reward_dir = build_models(tmp)
     prompts = bench_prompts(BATCH * 4)
     steps = 3
+    critic, ours_bf16, trl_autocast, _ = SETTINGS[setting]
     if side == "trl":
-        trl_trainer(policy_dir, reward_dir, prompts, tmp / "mem_trl", steps).train()
+        generation = TimedGeneration(trl_autocast)  # noqa: F841 (it wraps TRL's generation in autocast when asked)
+        trl_trainer(policy_dir, reward_dir, prompts, tmp / "mem_trl", steps, autocast=trl_autocast).train()
     else:
         prompts_file = write_jsonl(tmp / "mem_prompts.jsonl", [{"prompt": p} for p in prompts])
-        run = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / "mem_ours", steps, critic))
+        run = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / "mem_ours", steps, critic, ours_bf16))
         for _ in range(steps):
             next(run)
     print(f"PEAK_RSS_MIB {peak_memory_mib():.1f}", flush=True)
@@ -355,11 +401,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--bandwidth_gbs", type=float, default=0.0, help="memory bandwidth, for the generation bound")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="the chip's dense bf16 peak, for MFU")
-    parser.add_argument("--defaults", action="store_true", help="also time ours with its default 3-model set-up")
+    parser.add_argument("--settings", default="fp32,bf16",
+                        help=f"comma-separated, run in this order, from: {', '.join(SETTINGS)} (default: fp32,bf16)")
+    parser.add_argument("--defaults", action="store_true", help="also run the 'defaults' setting")
     parser.add_argument("--generation", action="store_true", help="also compare generation tokens/s")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--json", default="", help="write the results here")
-    parser.add_argument("--critic", default="model", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -369,7 +417,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
 
     if args.memory_child:
-        memory_child(args.memory_child, Path(args.workdir), args.critic)
+        memory_child(args.memory_child, Path(args.workdir), args.setting)
         return
 
     import trl
@@ -381,20 +429,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         policy_dir, reward_dir = build_models(tmp)
-        settings = [("model", "like-for-like: four models, bf16 autocast, batch 8, 48-token responses, 1 PPO epoch")]
-        if args.defaults:
-            settings.append(("head", "defaults: ours with the value head on the policy (3 models); TRL as above"))
-        for critic, title in settings:
-            summary = summarise(alternate(policy_dir, reward_dir, tmp, args.steps + 1, critic))
+        settings = [name for name in args.settings.split(",") if name]
+        if args.defaults and "defaults" not in settings:
+            settings.append("defaults")
+        unknown = [name for name in settings if name not in SETTINGS]
+        if unknown:
+            parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
+        for setting in settings:
+            title = SETTINGS[setting][3]
+            summary = summarise(alternate(policy_dir, reward_dir, tmp, args.steps + 1, setting))
             if not args.skip_memory:
                 for side in ("ours", "trl"):
-                    summary[side]["peak_rss_mib"] = child_peak_memory(side, tmp, critic)
+                    summary[side]["peak_rss_mib"] = child_peak_memory(side, tmp, setting)
             if args.peak_tflops:
                 summary["ours"]["training_mfu"] = training_mfu(summary["ours"], policy_dir, args.peak_tflops)
                 print(f"our training MFU (policy and critic, 6·N·tokens over the non-generation time): "
                       f"{summary['ours']['training_mfu']:.1%}")
             print_table(title, summary)
-            results[f"critic_{critic}"] = summary
+            results[setting] = summary
         if args.generation:
             gen = generation_check(policy_dir)
             if args.bandwidth_gbs:

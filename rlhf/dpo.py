@@ -167,7 +167,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
         reference_path = resolve_model_path(config.reference) if config.reference else model_path
         if config.reference and load_tokenizer(reference_path).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"reference {reference_path} has another tokenizer than the model {model_path}")
-        reference = load_causal_lm(reference_path, device, trainable=False)
+        reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=config.bf16)
         reference_name = str(reference_path)
     elif needs_reference:
         reference_name = f"{model_path} with the LoRA adapter off"

@@ -153,7 +153,8 @@ def load_reward_scorer(name: str, device, bf16: bool) -> Scorer:
 
     path = resolve_model_path(name)
     tokenizer = load_tokenizer(path)
-    return reward_scorer(load_reward_model(path, device, tokenizer, trainable=False), tokenizer, device, bf16)
+    return reward_scorer(load_reward_model(path, device, tokenizer, trainable=False, bf16_linears=bf16), tokenizer,
+                         device, bf16)
 
 
 def load_judge(name: str, device, bf16: bool, annotator=None) -> Scorer | None:
@@ -275,7 +276,7 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     reward = load_reward_scorer(config.reward_model, device, config.bf16) if config.reward_model else None
     reference_path = resolve_model_path(config.reference or config.models[0])
     tokenizer = load_tokenizer(reference_path)
-    reference = load_causal_lm(reference_path, device, trainable=False)
+    reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=config.bf16)
     settings = (config.max_new_tokens, config.temperature, config.batch_size, config.bf16, config.seed)
 
     # 1. every model answers every held-out prompt and every harmful request, with the same seed and settings;
@@ -283,7 +284,8 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     answers, scores, declined = {}, {}, {}
     for name in config.models:
         path = resolve_model_path(name)
-        model = reference if path == reference_path else load_causal_lm(path, device, trainable=False)
+        model = reference if path == reference_path else load_causal_lm(path, device, trainable=False,
+                                                                               bf16_linears=config.bf16)
         rollout, scores[name] = answer_and_score(model, tokenizer, prompts, judge, reward, *settings, progress=True)
         answers[name] = rollout.texts
         # 2. KL to the reference on the model's own samples; which harmful requests it declines

@@ -55,7 +55,7 @@ def main(config: Config) -> dict:
         prompts = prompts[: config.max_prompts]
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, device, trainable=False)
+    model = load_causal_lm(model_path, device, trainable=False, bf16_linears=config.bf16)
     say(f"[pairs] {len(prompts)} prompts × {config.n_responses} responses from {model_path}")
 
     # 2. sample every prompt n times in one batched pass

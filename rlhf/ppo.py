@@ -33,7 +33,7 @@ from rlhf import losses
 from rlhf.data import (LengthPolicy, Messages, encode_conversation, next_batch, position_ids_from_mask, prompt_text,
                        read_prompts, resolve_data_path, write_jsonl)
 from rlhf.evaluate import hacking_warnings, load_judge, monitor_check, reward_scorer
-from rlhf.models import (adapter_disabled, add_lora, autocast, count_parameters, load_causal_lm, load_reward_model,
+from rlhf.models import (adapter_disabled, add_lora, attention_for_width, autocast, count_parameters, load_causal_lm, load_reward_model,
                          load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
                          pick_device, resolve_model_path, save_atomic, score_sequences)
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, masked_mean, whiten
@@ -101,7 +101,7 @@ def response_logprobs_values(model, value_head, rollout: Rollout, temperature: f
     """
     prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     want_values = want_values and value_head is not None
-    with autocast(device, bf16):
+    with autocast(device, bf16), attention_for_width(device, prompt_width + response_width, bf16):
         # position t predicts token t+1: the response tokens are predicted from prompt_width-1 on, so only the
         # last response_width+1 positions need the LM head (the prompt's would be computed and thrown away)
         logits, hidden = forward_logits(model, rollout.input_ids, rollout.attention_mask, want_hidden=want_values,
@@ -119,7 +119,7 @@ def critic_values(critic, rollout: Rollout, bf16: bool, device) -> torch.Tensor:
     prompt_width = rollout.prompt_ids.shape[1]
     backbone = getattr(critic, critic.base_model_prefix)
     mask = rollout.attention_mask
-    with autocast(device, bf16):
+    with autocast(device, bf16), attention_for_width(device, mask.shape[1], bf16):
         hidden = backbone(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False).last_hidden_state
         return critic.score(hidden[:, prompt_width - 1:-1]).squeeze(-1).float()
@@ -153,11 +153,12 @@ def training(config: Config) -> Iterator[dict]:
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
         reference = None  # the same weights with the adapter switched off
     else:
-        reference = load_causal_lm(policy_path, device, trainable=False)
+        reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=config.bf16)
     hidden_size = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") else policy.config.hidden_size
     reward_path = resolve_model_path(config.reward_model)
     reward_tokenizer = load_tokenizer(reward_path)
-    reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False)
+    reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False,
+                                     bf16_linears=config.bf16)
     critic_model = value_head = None
     if config.critic == "model":  # a fourth model: a trainable copy of the reward model
         critic_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)

@@ -1,0 +1,142 @@
+"""Our decode loop (`rollout.decode`), its token draw, and the two speed levers around sampling and scoring:
+frozen Linears stored in bf16 and the attention kernel chosen by width. Tiny models built here."""
+
+import contextlib
+
+import pytest
+import torch
+
+from rlhf.data import encode_prompt, pad_left
+from rlhf.models import attention_for_width, autocast, linears_to_bf16, load_causal_lm, load_tokenizer
+from rlhf.rollout import decode, draw_tokens, next_token
+
+PROMPTS = [[{"role": "user", "content": "hi"}],
+           [{"role": "user", "content": "tell me about the sea and the fish in it"}],
+           [{"role": "user", "content": "why"}]]
+CPU = torch.device("cpu")
+
+
+def test_draw_tokens_follows_the_distribution_and_never_draws_a_zero():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3]).expand(40_000, 4)
+    drawn = draw_tokens(probs)
+    frequency = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert frequency[1] == 0
+    # binomial sd at n=40k is at most 0.0025; 0.01 is four of them
+    assert torch.allclose(frequency, probs[0], atol=0.01), frequency
+
+
+def test_draw_tokens_unnormalised_rows():
+    """Rows need not sum to one (top-p zeroes part of them): the draw is over the row's own mass."""
+    torch.manual_seed(1)
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.25]]).expand(20_000, 4)
+    frequency = torch.bincount(draw_tokens(probs), minlength=4).float() / 20_000
+    assert frequency[0] == frequency[2] == 0
+    assert abs(frequency[1] - 0.5) < 0.02
+
+
+def test_next_token_top_p_keeps_the_nucleus_only():
+    torch.manual_seed(2)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(20_000, 4)
+    # mass before each sorted token: 0, 0.5, 0.8, 0.95; top_p 0.7 keeps the first two, renormalised
+    frequency = torch.bincount(next_token(logits, 1.0, 0.7, greedy=False), minlength=4).float() / 20_000
+    assert frequency[2] == frequency[3] == 0
+    assert abs(frequency[0] - 0.625) < 0.02
+    assert torch.equal(next_token(logits[:2], 1.0, 1.0, greedy=True), torch.tensor([0, 0]))
+
+
+def _prompts(tokenizer):
+    return pad_left([encode_prompt(tokenizer, p) for p in PROMPTS], tokenizer.pad_token_id)
+
+
+def test_greedy_decode_equals_transformers_generate(tiny_model):
+    """Left-padded prompts of different lengths: the same tokens as `generate`, row by row."""
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, CPU, trainable=False)
+    ids, mask = _prompts(tokenizer)
+    with torch.no_grad():
+        ours = decode(model, ids, mask, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+        theirs = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    theirs = theirs[:, ids.shape[1]:]
+    assert ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+
+
+class _EosLover(torch.nn.Module):
+    """The tiny model with a large bonus on EOS: greedy decoding ends at once unless EOS is held back."""
+
+    def __init__(self, inner, eos_id: int):
+        super().__init__()
+        self.inner, self.config, self.eos_id = inner, inner.config, eos_id
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits[..., self.eos_id] += 100.0
+        return out
+
+
+def test_decode_stops_at_eos_and_min_new_tokens_holds_it_back(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model = _EosLover(load_causal_lm(tiny_model, CPU, trainable=False), eos)
+    ids, mask = _prompts(tokenizer)
+    with torch.no_grad():
+        ended_at_once = decode(model, ids, mask, 10, eos, pad, greedy=True)
+        held = decode(model, ids, mask, 10, eos, pad, temperature=1.0, min_new_tokens=3)
+    assert ended_at_once.tolist() == [[eos]] * 3  # every row ended: no further step
+    assert held.shape == (3, 4)
+    assert (held[:, :3] != eos).all() and (held[:, 3] == eos).all()
+
+
+def test_decode_pads_a_row_after_its_eos(tiny_model):
+    """Rows that end early get pad while the others go on (the EOS bonus only for the first row)."""
+    tokenizer = load_tokenizer(tiny_model)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    inner = load_causal_lm(tiny_model, CPU, trainable=False)
+
+    class FirstRowEnds(_EosLover):
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits[0, :, self.eos_id] += 100.0
+            out.logits[1:, :, self.eos_id] -= 100.0
+            return out
+
+    ids, mask = _prompts(tokenizer)
+    with torch.no_grad():
+        response = decode(FirstRowEnds(inner, eos), ids, mask, 5, eos, pad, greedy=True)
+    assert response.shape == (3, 5)
+    assert response[0, 0] == eos and (response[0, 1:] == pad).all()
+    assert (response[1:] != eos).all()
+
+
+def test_bf16_linears_give_the_autocast_numbers(tiny_model):
+    """Storing a frozen model's Linear weights in bf16 changes nothing under autocast; the tied LM head and
+    the embeddings stay float32."""
+    tokenizer = load_tokenizer(tiny_model)
+    plain = load_causal_lm(tiny_model, CPU, trainable=False)
+    stored = load_causal_lm(tiny_model, CPU, trainable=False, bf16_linears=True)
+    assert stored.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert stored.lm_head.weight.dtype == stored.model.embed_tokens.weight.dtype == torch.float32
+    ids, mask = _prompts(tokenizer)
+    with torch.no_grad(), autocast(CPU, True):
+        a = plain(input_ids=ids, attention_mask=mask).logits
+        b = stored(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="frozen"):
+        linears_to_bf16(load_causal_lm(tiny_model, CPU, trainable=True))
+
+
+def test_attention_kernel_choice_agrees_and_applies_to_short_bf16_cpu_sequences_only(tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, CPU, trainable=False)
+    ids, mask = _prompts(tokenizer)
+    with torch.no_grad():
+        default = model(input_ids=ids, attention_mask=mask).logits
+        with attention_for_width(CPU, ids.shape[1], bf16=True):
+            chosen = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(default, chosen, atol=1e-5)
+    assert not isinstance(attention_for_width(CPU, ids.shape[1], bf16=True), contextlib.nullcontext)
+    assert isinstance(attention_for_width(CPU, ids.shape[1], bf16=False), contextlib.nullcontext)
+    assert isinstance(attention_for_width(CPU, 10_000, bf16=True), contextlib.nullcontext)
+    assert isinstance(attention_for_width(torch.device("cuda"), 64, bf16=True), contextlib.nullcontext)
