@@ -189,6 +189,37 @@ def attention_for_width(device: torch.device, width: int, bf16: bool):
     return sdpa_kernel([SDPBackend.MATH])
 
 
+def _in_autocast_dtype(module, args, output):
+    """Forward hook: a float32 output becomes the autocast dtype when autocast is on (else unchanged)."""
+    if isinstance(output, torch.Tensor) and output.dtype == torch.float32:
+        device_type = output.device.type
+        if torch.is_autocast_enabled(device_type):
+            return output.to(torch.get_autocast_dtype(device_type))
+    return None
+
+
+def cast_norm_outputs_once(model: torch.nn.Module) -> int:
+    """Under autocast, cast each decoder layer's norm output to bf16 once, where its consumers would each cast it.
+
+    A layer's first norm feeds the q, k and v projections and its second the MLP's gate and up projections;
+    autocast casts the fp32 norm output separately for each of them and keeps each copy for backward. Cast once,
+    the linears share one bf16 tensor: the same forward numbers, 3 fewer (B, T, hidden) bf16 activations per
+    layer kept for backward (a ~10% smaller saved set on SmolLM2, measured on `rlhf reward`'s batch), fewer casts.
+    In backward the three (two) gradients are summed in bf16 before the cast back, instead of in fp32. The residual
+    stream is untouched (a norm's output is not added to it). Outside autocast the hook does nothing. Norms are the
+    direct children named *Norm of each layer of the model's layer lists; the final norm is not one of them.
+    → the number of norms hooked.
+    """
+    hooked = 0
+    for module_list in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
+        for layer in module_list:
+            for child in layer.children():
+                if type(child).__name__.endswith("Norm"):
+                    child.register_forward_hook(_in_autocast_dtype)
+                    hooked += 1
+    return hooked
+
+
 def linears_to_bf16(model: torch.nn.Module) -> int:
     """Store a frozen model's Linear weights (and biases) in bf16, for a model only ever run under bf16 autocast.
 
@@ -208,6 +239,12 @@ def linears_to_bf16(model: torch.nn.Module) -> int:
             if module.bias is not None:
                 module.bias.data = module.bias.data.to(torch.bfloat16)
             converted += 1
+    # the rest (embeddings, norms) still points into the checkpoint file's memory map, which would keep the whole
+    # file mapped and its fp32 Linear pages resident beside the bf16 copies (+380 MiB peak RSS measured on
+    # bench/ppo_vs_trl.py's bf16 setting): own copies let the map go
+    for parameter in model.parameters():
+        if parameter.dtype != torch.bfloat16:
+            parameter.data = parameter.data.clone()
     return converted
 
 
@@ -222,6 +259,7 @@ def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = Tru
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     disable_dropout(model)
+    cast_norm_outputs_once(model)
     model.to(device)
     model.eval()  # dropout is off anyway; eval() also keeps any other train-only behaviour off
     if not trainable:
@@ -246,6 +284,7 @@ def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainab
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = reward_pad_id(tokenizer)
     disable_dropout(model)
+    cast_norm_outputs_once(model)
     model.to(device)
     model.eval()
     if not trainable:
