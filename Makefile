@@ -61,7 +61,7 @@ $(BENCH_PPO)/.installed:
 
 bench-env: $(BENCH_LATEST)/.installed $(BENCH_PPO)/.installed
 
-# about 25 minutes on 2 CPU cores; run it on an otherwise idle machine
+# about 30 minutes on 2 CPU cores; run it on an otherwise idle machine
 bench: bench-env
 	$(BENCH_PPO)/bin/python bench/ppo_vs_trl.py --defaults --generation --json bench/results/ppo_vs_trl.json
 	$(BENCH_LATEST)/bin/python bench/sft_reward_parity.py

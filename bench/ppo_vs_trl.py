@@ -21,7 +21,8 @@ Precision: TRL 1.12's PPOTrainer makes its own `Accelerator` with no mixed preci
 changes nothing on CPU: every forward pass, generation included, runs in fp32. Two like-for-like settings follow
 from that (`--settings`): `fp32`, ours in fp32 against TRL as it runs; and `bf16`, both under bf16 autocast, TRL's
 put on by this harness (see `trl_trainer`). `defaults` (or `--defaults`) pairs ours as recommended (bf16, the value
-head on the policy: 3 models) with TRL as shipped (bf16=True, hence fp32).
+head on the policy: 3 models) with TRL in fp32, its only precision on CPU (it runs with `bf16=False` here; with
+`bf16=True` its forward passes stay fp32 all the same, checked with hooks).
 
 Reported per side: seconds per PPO iteration (median), episodes/s, response tokens/s, the share of the
 iteration spent generating, peak resident memory (each side alone in a child process), and the KL / score
@@ -127,8 +128,8 @@ def bench_prompts(count: int) -> list:
 SETTINGS = {
     "fp32": ("model", False, False, "like-for-like, fp32: four models, batch 8, 48-token responses, 1 PPO epoch; both sides fp32"),
     "bf16": ("model", True, True, "like-for-like, bf16 autocast: as above, both sides under bf16 autocast (TRL's put on by the harness)"),
-    "defaults": ("head", True, False, "defaults: ours bf16 with the value head on the policy (3 models); TRL 1.12 as shipped, "
-                                      "bf16=True (which its PPOTrainer does not apply: fp32)"),
+    "defaults": ("head", True, False, "defaults: ours bf16 with the value head on the policy (3 models); TRL 1.12 in fp32, the "
+                                      "only precision its PPOTrainer applies on CPU"),
 }
 
 
