@@ -78,6 +78,18 @@ def first_batch(trainer) -> dict:
     return next(iter(trainer.get_train_dataloader()))
 
 
+def first_batch_losses(start_ours: Callable[[], Generator[dict, None, dict]], make_trainer: Callable[[], object]):
+    """→ (our loss on our first batch, computed before the update; TRL's `compute_loss` on its first collated
+    batch, no grad; TRL's trainer, for the token-id check). Ours runs first, then TRL's trainer is built."""
+    run = start_ours()
+    ours = float(next(run)["loss"])
+    run.close()
+    trainer = make_trainer()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, first_batch(trainer)).item()
+    return ours, theirs, trainer
+
+
 @dataclass
 class Stage:
     """One stage compared with TRL.

@@ -82,13 +82,10 @@ def dpo_same_ids(trainer, model_dir: Path) -> bool:
 def dpo_parity(tmp: Path) -> bool:
     policy = build_tiny_model(tmp / "tiny_policy", seed=0)
     reference = build_tiny_model(tmp / "tiny_reference", seed=1)
-    run = dpo_ours(policy, tmp / "ours", 1, bf16=False, reference=reference)
-    ours = next(run)["loss"]  # the first batch (all 8 pairs), before the update
-    run.close()
-    trainer = dpo_trl(policy, tmp / "trl", bf16=False, reference=reference)
+    ours, theirs, trainer = common.first_batch_losses(
+        lambda: dpo_ours(policy, tmp / "ours", 1, bf16=False, reference=reference),
+        lambda: dpo_trl(policy, tmp / "trl", bf16=False, reference=reference))
     identical = dpo_same_ids(trainer, policy)
-    with torch.no_grad():
-        theirs = trainer.compute_loss(trainer.model, common.first_batch(trainer)).item()
     return common.report_parity("DPO", "rlhf.dpo.training, step 1", "DPOTrainer.compute_loss, batch 1",
                                 "tiny random Llama (policy seed 0, reference seed 1), 8 pairs", identical, ours, theirs)
 

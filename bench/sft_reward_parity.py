@@ -81,13 +81,9 @@ def sft_same_ids(trainer, model_dir: Path) -> bool:
 
 def sft_parity(tmp: Path) -> bool:
     tiny = build_tiny_model(tmp / "tiny", seed=0)
-    run = sft_ours(tiny, tmp / "ours", 1, bf16=False)
-    ours = next(run)["loss"].item()  # the first batch (all 8 examples), before the update
-    run.close()
-    trainer = sft_trl(tiny, tmp / "trl", bf16=False)
+    ours, theirs, trainer = common.first_batch_losses(lambda: sft_ours(tiny, tmp / "ours", 1, bf16=False),
+                                                      lambda: sft_trl(tiny, tmp / "trl", bf16=False))
     identical = sft_same_ids(trainer, tiny)
-    with torch.no_grad():
-        theirs = trainer.compute_loss(trainer.model, common.first_batch(trainer)).item()
     return common.report_parity("SFT", "rlhf.sft.training, step 1", "SFTTrainer.compute_loss, batch 1",
                          "tiny random Llama, 8 demonstrations, completion-only loss", identical, ours, theirs)
 
@@ -147,13 +143,9 @@ def reward_folder(source: Path, out: Path) -> Path:
 
 def reward_parity(tmp: Path) -> bool:
     folder = reward_folder(build_tiny_model(tmp / "tiny", seed=0), tmp / "tiny_reward")
-    run = reward_ours(folder, tmp / "ours", 1, bf16=False)
-    ours = next(run)["loss"]  # the first batch (all 8 pairs), before the update
-    run.close()
-    trainer = reward_trl(folder, tmp / "trl", bf16=False)
+    ours, theirs, trainer = common.first_batch_losses(lambda: reward_ours(folder, tmp / "ours", 1, bf16=False),
+                                                      lambda: reward_trl(folder, tmp / "trl", bf16=False))
     identical = reward_same_ids(trainer, folder)
-    with torch.no_grad():
-        theirs = trainer.compute_loss(trainer.model, common.first_batch(trainer)).item()
     return common.report_parity("reward", "rlhf.reward.training, step 1", "RewardTrainer.compute_loss, batch 1",
                          "tiny random Llama + one seeded score head, 8 pairs, Bradley–Terry", identical, ours, theirs)
 

@@ -116,6 +116,8 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     """
     from transformers import DynamicCache
 
+    if max_new_tokens <= 0:
+        return prompt_ids.new_empty(prompt_ids.shape[0], 0)
     cache = DynamicCache(config=model.config)
     attention_mask = prompt_mask
     positions = position_ids_from_mask(prompt_mask)
@@ -137,8 +139,6 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
         logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
                        cache=cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
-    if not tokens:
-        return prompt_ids.new_empty(prompt_ids.shape[0], 0)
     return torch.stack(tokens, dim=1)
 
 
