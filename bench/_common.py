@@ -36,6 +36,7 @@ from rlhf.data import builtin_task_dir  # noqa: E402
 from rlhf.models import build_tiny_model, resolve_model_path  # noqa: E402
 
 BATCH = 8  # examples (SFT) or pairs (reward, DPO) per step, on both sides
+COMPILE = False  # ours with `compile: true` (set by --compile)
 TARGET = 1.3  # wanted: TRL's s/step / ours ≥ this, with ours' peak memory no higher
 
 
@@ -198,7 +199,8 @@ def memory(stage: Stage, steps: int, tiny: bool) -> dict:
     """Peak RSS of each side alone, each in its own child process running `steps` steps."""
     peaks = {}
     for side in ("ours", "trl"):
-        command = [sys.executable, sys.argv[0], "--child", f"{stage.name}:{side}", "--steps", str(steps)]
+        command = [sys.executable, sys.argv[0], "--child", f"{stage.name}:{side}", "--steps", str(steps)] + (
+            ["--compile"] if COMPILE else [])
         done = subprocess.run(command + (["--tiny"] if tiny else []), capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_MIB ")]
         if done.returncode != 0 or not lines:
@@ -239,8 +241,11 @@ def run(description: str, stages: list[Stage]) -> int:
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="ours with `compile: true` (TRL as it runs)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # STAGE:SIDE, run by the memory part
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = args.compile
     by_name = {s.name: s for s in stages}
     if args.child:
         name, side = args.child.split(":")

@@ -46,7 +46,7 @@ def dpo_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool = True, referenc
     return dpo.training(dpo.Config(model=str(model_dir), reference=str(reference or ""), data=str(data),
                                    output_dir=str(tmp / "run"), batch_size=common.BATCH, eval_fraction=0.0,
                                    epochs=float(steps), beta=BETA, lr=LR, warmup_ratio=0.0, max_length=1024,
-                                   bf16=bf16, device="cpu"))
+                                   bf16=bf16, compile=common.COMPILE, device="cpu"))
 
 
 def dpo_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool = True,

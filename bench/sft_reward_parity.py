@@ -52,7 +52,7 @@ def sft_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool = True):
     data = write_jsonl(tmp / "demonstrations.jsonl", sft_rows())
     return sft.training(sft.Config(model=str(model_dir), data=str(data), output_dir=str(tmp / "run"),
                                    batch_size=common.BATCH, epochs=float(steps), lr=SFT_LR, warmup_ratio=0.0,
-                                   max_length=1024, bf16=bf16, device="cpu"))
+                                   max_length=1024, bf16=bf16, compile=common.COMPILE, device="cpu"))
 
 
 def sft_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool = True):
@@ -98,7 +98,8 @@ def reward_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool = True):
     data = write_jsonl(tmp / "pairs.jsonl", reward_rows())
     return reward.training(reward.Config(model=str(model_dir), data=str(data), output_dir=str(tmp / "run"),
                                          eval_fraction=0.0, batch_size=common.BATCH, epochs=float(steps), lr=REWARD_LR,
-                                         warmup_ratio=0.0, max_length=1024, bf16=bf16, device="cpu"))
+                                         warmup_ratio=0.0, max_length=1024, bf16=bf16, compile=common.COMPILE,
+                                         device="cpu"))
 
 
 def reward_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool = True):

@@ -248,6 +248,25 @@ def linears_to_bf16(model: torch.nn.Module) -> int:
     return converted
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """Compile each decoder layer with `torch.compile` (regional compilation), for the scoring and training passes.
+
+    Inductor fuses each layer's elementwise work (norms, rotary, SiLU·up, residual adds, the casts around them)
+    into a few kernels; the matmuls stay oneDNN's. Measured here (SmolLM2-135M, batch 8, width 98, bf16 autocast):
+    forward + backward 1.30 → 1.06 s per layer-compiled pass with ~17 s of compiling, against 1.00 s after ~240 s
+    for the whole model compiled as one graph. Layers of one class share their compiled code (their weights are
+    graph inputs), and `dynamic=True` keeps one graph across sequence widths. Passes with a KV cache (`decode`)
+    run eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower than eager).
+    Needs a C++ compiler on CPU. → the number of layers compiled.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = True, bf16_linears: bool = False):
     """A causal LM in float32 (under bf16 autocast the matmuls run in bf16 while the residual stream stays float32).
 
@@ -316,10 +335,13 @@ def save_atomic(
     tokenizer=None,
     json_files: dict[str, Any] | None = None,
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    subfolders: dict[str, tuple] | None = None,
 ) -> Path:
     """Write a Hugging Face folder into a temp folder beside `out_dir`, then rename it into place.
 
     A kill or Ctrl-C at any moment leaves either the old folder or the new one, never half of one.
+    `subfolders` maps a name to (model, tokenizer): each is saved as a folder of its own inside, in the same move
+    (PPO's separate critic beside its policy).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -336,6 +358,10 @@ def save_atomic(
 
             for name, state in tensors.items():
                 save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / name))
+        for name, (sub_model, sub_tokenizer) in (subfolders or {}).items():
+            sub_model.save_pretrained(tmp / name, safe_serialization=True)
+            if sub_tokenizer is not None:
+                sub_tokenizer.save_pretrained(tmp / name)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

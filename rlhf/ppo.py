@@ -33,7 +33,7 @@ from rlhf import losses
 from rlhf.data import (LengthPolicy, Messages, encode_conversation, next_batch, position_ids_from_mask, prompt_text,
                        read_prompts, resolve_data_path, write_jsonl)
 from rlhf.evaluate import hacking_warnings, load_judge, monitor_check, reward_scorer
-from rlhf.models import (adapter_disabled, add_lora, attention_for_width, autocast, count_parameters, load_causal_lm, load_reward_model,
+from rlhf.models import (adapter_disabled, add_lora, attention_for_width, autocast, compile_layers, count_parameters, load_causal_lm, load_reward_model,
                          load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
                          pick_device, resolve_model_path, save_atomic, score_sequences)
 from rlhf.ops import entropy_from_logits, logprobs_from_logits, masked_mean, whiten
@@ -87,6 +87,8 @@ class Config:
     reuse_rollout_forward: bool = cfg.field(True, "with ppo_epochs 1 and mini_batch_size = batch_size, the update reuses "
                                                   "the rollout's forward pass instead of a second one (same result)")
     bf16: bool = cfg.field(True, "bf16 autocast")
+    compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
+                                     "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
 
@@ -168,6 +170,10 @@ def training(config: Config) -> Iterator[dict]:
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
         critic_parameters = list(value_head.parameters())
+    if config.compile:
+        for model in (policy, reference, reward_model, critic_model):
+            if model is not None:
+                compile_layers(model)
     reward_mean, reward_std = load_reward_normalisation(reward_path) if config.normalize_reward else (0.0, 1.0)
     trainable, total = count_parameters(policy)
     say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), reward {reward_path} "
@@ -336,7 +342,8 @@ def training(config: Config) -> Iterator[dict]:
         yield row
     log.close()
 
-    # 8. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it
+    # 8. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it, or a separate critic
+    #    as a sequence-classifier folder inside it (critic/): the trained value function is not thrown away
     summary = {"stage": "ppo", "steps": config.steps, "final_beta": beta,
                "first": {k: history[0].get(k) for k in ("score", "kl", "gold_score", "response_length")},
                "last": {k: history[-1].get(k) for k in ("score", "kl", "gold_score", "response_length")},
@@ -344,7 +351,8 @@ def training(config: Config) -> Iterator[dict]:
     write_jsonl(out.parent / f"{out.name}_logs" / "samples.jsonl", samples)
     save_atomic(out, model=merged_for_saving(policy), tokenizer=tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary},
-                tensors={"value_head.safetensors": value_head.state_dict()} if value_head is not None else None)
+                tensors={"value_head.safetensors": value_head.state_dict()} if value_head is not None else None,
+                subfolders={"critic": (critic_model, reward_tokenizer)} if critic_model is not None else None)
     say(f"[ppo] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → {summary['last']['score']:.3f}, "
         f"KL {summary['last']['kl']:.3f}")
     return summary

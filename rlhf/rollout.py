@@ -112,12 +112,19 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
     criteria, input preparation) and with `draw_tokens`: 1.14x `generate`'s tokens/s on PPO's policy at batch 8
     (`bench/ppo_vs_trl.py --generation`; the loop alone gave ~7% in a profile, the draw the rest). The prompt's
     positions skip its left padding; each new token takes the next position and attends to every earlier
-    real token. Stops when every row has ended or at the limit. Run it under `no_grad` (and autocast).
+    real token. Stops when every row has ended or at the limit. Run it under `no_grad` (and autocast). Layers
+    compiled with `compile_layers` run eager here (their compiled code is for passes without a cache).
     """
-    from transformers import DynamicCache
-
     if max_new_tokens <= 0:
         return prompt_ids.new_empty(prompt_ids.shape[0], 0)
+    with torch.compiler.set_stance("force_eager"):
+        return _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, greedy,
+                       min_new_tokens)
+
+
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_p, greedy, min_new_tokens):
+    from transformers import DynamicCache
+
     cache = DynamicCache(config=model.config)
     attention_mask = prompt_mask
     positions = position_ids_from_mask(prompt_mask)

@@ -22,7 +22,7 @@ import torch
 from rlhf import config as cfg
 from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, pad_right, read_demonstrations, resolve_data_path
 from rlhf.losses import sft_loss
-from rlhf.models import (add_lora, autocast, count_parameters, load_causal_lm, load_tokenizer, merged_for_saving,
+from rlhf.models import (add_lora, autocast, compile_layers, count_parameters, load_causal_lm, load_tokenizer, merged_for_saving,
                          optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
 from rlhf.ops import logprobs_from_logits
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
@@ -43,6 +43,8 @@ class Config:
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights)")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
     bf16: bool = cfg.field(True, "bf16 autocast (CPU and CUDA)")
+    compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
+                                     "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
     log_every: int = cfg.field(1, "log metrics every N steps")
@@ -70,6 +72,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
     model = load_causal_lm(model_path, device)
     if config.lora_r > 0:
         model = add_lora(model, config.lora_r, config.lora_alpha)
+    if config.compile:
+        compile_layers(model)
     trainable, total = count_parameters(model)
     say(f"[sft] model {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trained) on {device}")
 

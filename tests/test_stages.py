@@ -171,6 +171,11 @@ def test_ppo_separate_critic_model(tiny_model, reward_dir, write_jsonl, tmp_path
     assert any(not torch.equal(critic_before[k], v) for k, v in critic.state_dict().items())  # the critic trained
     assert not (out / "value_head.safetensors").exists()
     assert changed(weights(tiny_model), weights(out))
+    # the trained critic is saved inside the policy's folder, as a sequence classifier that loads on its own
+    from transformers import AutoModelForSequenceClassification
+
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "critic").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in critic.state_dict().items())
 
 
 def test_ppo_critic_values_read_every_position(tiny_model, reward_dir):

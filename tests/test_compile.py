@@ -1,0 +1,66 @@
+"""`compile: true`: decoder layers compiled with torch.compile give the eager numbers; decoding stays eager."""
+
+import json
+
+import torch
+
+from rlhf import ppo, sft
+from rlhf.data import position_ids_from_mask
+from rlhf.models import compile_layers, load_causal_lm, load_tokenizer
+from rlhf.rollout import decode
+
+from test_stages import DEMOS, PROMPTS, weights, changed  # noqa: F401  (fixtures and data shared with the stage tests)
+from test_stages import pairs_file, reward_dir  # noqa: F401
+
+
+def test_compiled_layers_give_the_eager_logits_gradients_and_tokens(tiny_model):
+    cpu = torch.device("cpu")
+    eager, compiled = load_causal_lm(tiny_model, cpu), load_causal_lm(tiny_model, cpu)
+    assert compile_layers(compiled) == 2  # the tiny model's two decoder layers
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16]])
+    mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
+    grads = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                       use_cache=False).logits
+        logits.float().logsumexp(-1).mean().backward()
+        grads[name] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    (eager_logits, eager_grads), (compiled_logits, compiled_grads) = grads["eager"], grads["compiled"]
+    assert torch.allclose(eager_logits, compiled_logits, atol=1e-5)
+    for name, grad in eager_grads.items():
+        assert torch.allclose(grad, compiled_grads[name], atol=1e-5), name
+    # decoding runs the compiled model eager (a KV cache would compile once per layer) and picks the same tokens
+    tokenizer = load_tokenizer(tiny_model)
+    with torch.no_grad():
+        tokens = [decode(m, ids, mask, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+                  for m in (eager, compiled)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_ppo_with_compiled_layers_starts_as_the_eager_run(tiny_model, reward_dir, write_jsonl, tmp_path):
+    """Four models, all compiled: the first iteration (sampled eager, scored and trained compiled) logs the eager
+    run's numbers, and the policy saves as a plain model."""
+    prompts = write_jsonl("prompts.jsonl", PROMPTS)
+    first_rows = {}
+    for compiled in (False, True):
+        out = tmp_path / f"ppo_{compiled}"
+        ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts), output_dir=str(out),
+                            steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8, lr=1e-3,
+                            value_lr=1e-3, critic="model", compile=compiled, bf16=False, gold=False, monitor_every=0))
+        first_rows[compiled] = json.loads((tmp_path / f"ppo_{compiled}_logs" / "metrics.jsonl").read_text().splitlines()[0])
+        assert changed(weights(tiny_model), weights(out))
+    for key in ("score", "kl", "entropy", "policy_loss", "value_loss", "returns", "response_length"):
+        assert abs(first_rows[True][key] - first_rows[False][key]) < 1e-4, key
+
+
+def test_sft_with_lora_and_compiled_layers_saves_a_plain_model(tiny_model, write_jsonl, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl("demos.jsonl", DEMOS)
+    out = tmp_path / "sft"
+    summary = sft.main(sft.Config(model=str(tiny_model), data=str(data), output_dir=str(out), epochs=1.0, batch_size=2,
+                                  lr=1e-2, lora_r=4, compile=True, bf16=True))
+    assert torch.isfinite(torch.tensor(summary["final_loss"]))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert changed(weights(tiny_model), weights(out))
