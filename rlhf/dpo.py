@@ -174,9 +174,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     elif needs_reference:
         reference_name = f"{model_path} with the LoRA adapter off"
     if config.compile:
-        for model in (policy, reference):
-            if model is not None:
-                compile_layers(model)
+        compile_layers(policy, reference)
     trainable, total = count_parameters(policy)
     say(f"[dpo] {config.loss}: policy {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), "
         f"reference {reference_name}, on {device}")

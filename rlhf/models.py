@@ -248,7 +248,7 @@ def linears_to_bf16(model: torch.nn.Module) -> int:
     return converted
 
 
-def compile_layers(model: torch.nn.Module) -> int:
+def compile_layers(*models: torch.nn.Module | None) -> int:
     """Compile each decoder layer with `torch.compile` (regional compilation), for the scoring and training passes.
 
     Inductor fuses each layer's elementwise work (norms, rotary, SiLU·up, residual adds, the casts around them)
@@ -257,11 +257,12 @@ def compile_layers(model: torch.nn.Module) -> int:
     for the whole model compiled as one graph. Layers of one class share their compiled code (their weights are
     graph inputs), and `dynamic=True` keeps one graph across sequence widths. Passes with a KV cache (`decode`)
     run eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower than eager).
-    Needs a C++ compiler on CPU. → the number of layers compiled.
+    Needs a C++ compiler on CPU. A None model (no reference, no critic) is passed over. → the number of layers compiled.
     """
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for model in models if model is not None
+              for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)

@@ -171,9 +171,7 @@ def training(config: Config) -> Iterator[dict]:
         torch.nn.init.zeros_(value_head.bias)
         critic_parameters = list(value_head.parameters())
     if config.compile:
-        for model in (policy, reference, reward_model, critic_model):
-            if model is not None:
-                compile_layers(model)
+        compile_layers(policy, reference, reward_model, critic_model)
     reward_mean, reward_std = load_reward_normalisation(reward_path) if config.normalize_reward else (0.0, 1.0)
     trainable, total = count_parameters(policy)
     say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), reward {reward_path} "
