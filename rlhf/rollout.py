@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.data import Messages, encode_prompt, pad_left, position_ids_from_mask
+from rlhf.decoder import LayerStackDecoder, ModelWithCache, covers
 from rlhf.models import autocast
 
 
@@ -115,27 +116,22 @@ def eager_layers():
 
 
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
-           temperature: float = 0.7, top_p: float = 1.0, greedy: bool = False, min_new_tokens: int = 0) -> torch.Tensor:
+           temperature: float = 0.7, top_p: float = 1.0, greedy: bool = False, min_new_tokens: int = 0,
+           fast: bool = True) -> torch.Tensor:
     """Response ids (B, ≤ max_new_tokens) for left-padded prompts, with a KV cache; pad after a row's EOS.
 
     What `generate` does for plain sampling, without its per-step machinery (logits processors, stopping
-    criteria, input preparation) and with `draw_tokens`: 1.14x `generate`'s tokens/s on PPO's policy at batch 8
-    (`bench/ppo_vs_trl.py --generation`; the loop alone gave ~7% in a profile, the draw the rest). The prompt's
-    positions skip its left padding; each new token takes the next position and attends to every earlier
-    real token. Stops when every row has ended or at the limit. Run it under `no_grad` (and autocast). Layers
-    compiled with `compile_layers` run eager here (`eager_layers`).
+    criteria, input preparation) and with `draw_tokens`. The prompt's positions skip its left padding; each new
+    token takes the next position and attends to every earlier real token. Stops when every row has ended or at
+    the limit. Run it under `no_grad` (and autocast). The forward pass per token is `LayerStackDecoder` for the
+    models it covers (`fast`), else the model's own with transformers' cache (`ModelWithCache`), where layers
+    compiled with `compile_layers` run eager (`eager_layers`).
     """
-    from transformers import DynamicCache
-
     if max_new_tokens <= 0:
         return prompt_ids.new_empty(prompt_ids.shape[0], 0)
     with eager_layers():
-        cache = DynamicCache(config=model.config)
-        attention_mask = prompt_mask
-        positions = position_ids_from_mask(prompt_mask)
-        logits = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_position = positions[:, -1:] + 1
+        forward = (LayerStackDecoder if fast and covers(model) else ModelWithCache)(model, prompt_mask, max_new_tokens)
+        logits = forward.prefill(prompt_ids, prompt_mask)
         running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
         tokens = []
         for step in range(max_new_tokens):
@@ -147,10 +143,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
             running &= token != eos_id
             if step == max_new_tokens - 1 or not running.any():
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                           cache=cache, use_cache=True).logits[:, -1]
-            next_position = next_position + 1
+            logits = forward.step(token)
         return torch.stack(tokens, dim=1)
 
 
