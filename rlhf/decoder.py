@@ -108,9 +108,10 @@ class LayerStackDecoder:
         shape = (batch, self.kv_heads, capacity, self.head_size)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.layers]
         self.values = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.layers]
-        # which cache slots a query may attend to: the prompt's real tokens, then every generated one
-        self.key_mask = torch.ones(batch, capacity, dtype=torch.bool, device=device)
-        self.key_mask[:, :prompt_width] = prompt_mask.bool()
+        # which cache slots a query may attend to: the prompt's real tokens, then every generated one; as an additive
+        # mask (0 or -inf) in the compute dtype, which attention takes as it is (a bool mask is converted at every call)
+        self.key_bias = torch.zeros(batch, capacity, dtype=self.dtype, device=device)
+        self.key_bias[:, :prompt_width].masked_fill_(prompt_mask == 0, float("-inf"))
         self.filled = 0
         self.next_position = position_ids_from_mask(prompt_mask)[:, -1:] + 1
 
@@ -118,16 +119,17 @@ class LayerStackDecoder:
         width = prompt_ids.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=prompt_ids.device).tril()
         # a padding position attends to itself only: its output is never read, and a row of -inf would give NaN
-        attend = (causal & self.key_mask[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=prompt_ids.device)
-        return self._forward(prompt_ids, position_ids_from_mask(prompt_mask), attend[:, None])
+        attend = (causal & (prompt_mask[:, None] != 0)) | torch.eye(width, dtype=torch.bool, device=prompt_ids.device)
+        bias = torch.zeros(attend.shape, dtype=self.dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
+        return self._forward(prompt_ids, position_ids_from_mask(prompt_mask), bias[:, None])
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         positions = self.next_position
         self.next_position = positions + 1
-        return self._forward(token_ids[:, None], positions, self.key_mask[:, None, None, :self.filled + 1])
+        return self._forward(token_ids[:, None], positions, self.key_bias[:, None, None, :self.filled + 1])
 
     @torch.no_grad()
-    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
         batch, width = token_ids.shape
         start, end = self.filled, self.filled + width
         heads, kv_heads, size = self.heads, self.kv_heads, self.head_size
@@ -146,7 +148,7 @@ class LayerStackDecoder:
                 self.keys[i][:, :, start:end] = qk[:, heads:]
                 self.values[i][:, :, start:end] = qkv_heads[:, heads + kv_heads:]
                 attended = F.scaled_dot_product_attention(qk[:, :heads], self.keys[i][:, :, :end],
-                                                          self.values[i][:, :, :end], attn_mask=attend, enable_gqa=True)
+                                                          self.values[i][:, :, :end], attn_mask=key_bias, enable_gqa=True)
                 hidden = hidden + self.linear(attended.transpose(1, 2).reshape(batch, width, heads * size), out, out_bias)
                 x = _rms_norm(hidden, norm_mid, self.eps).to(self.dtype)
                 gate, up = self.linear(x, gate_up, gate_up_bias).split(self.intermediate, dim=-1)
