@@ -161,8 +161,9 @@ def sample(
     greedy: bool = False,
     min_new_tokens: int = 0,
 ) -> Rollout:
-    """Sample one response per prompt. Prompts are batched `batch_size` at a time (big batches are
-    much faster on CPU: 270 tok/s at 96 vs 63 at 8), then stitched into one right-padded Rollout."""
+    """Sample one response per prompt. Prompts are batched `batch_size` at a time (big batches are faster on
+    CPU: a frozen SmolLM2-135M gave ~860 tok/s at 96, ~830 at 64, ~270 at 8), then stitched into one
+    right-padded Rollout."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     pieces = []
