@@ -43,8 +43,8 @@ def _prompts():
 def _teacher_forced(model, ids, mask, continuation, bf16: bool):
     """Logits (B, steps+1, V) after the prompt and after each forced token: ours, and the model's full forward."""
     with torch.no_grad(), autocast(CPU, bf16):
-        decoder = LayerStackDecoder(model, mask, continuation.shape[1])
-        ours = [decoder.prefill(ids, mask)] + [decoder.step(token) for token in continuation.T]
+        stepper = LayerStackDecoder(model, mask, continuation.shape[1])
+        ours = [stepper.prefill(ids, mask)] + [stepper.step(token) for token in continuation.T]
         full_ids = torch.cat([ids, continuation], 1)
         full_mask = torch.cat([mask, torch.ones_like(continuation)], 1)
         theirs = model(input_ids=full_ids, attention_mask=full_mask,
@@ -69,8 +69,8 @@ def test_fp32_logits_equal_the_models_forward(kind, extra, packed, monkeypatch):
 
 
 def test_bf16_logits_within_the_autocast_rounding():
-    """Under autocast the matmuls run in bf16 in both; the two round in different places (the rotary in bf16 or
-    fp32), so they agree to within what bf16 itself moves the fp32 logits."""
+    """Under autocast the matmuls run in bf16 in both, with casts in slightly different places (the KV cache, the
+    attention inputs), so they agree to within what bf16 itself moves the fp32 logits."""
     model = _model("qwen2")
     ids, mask = _prompts()
     continuation = torch.randint(2, 97, (3, 5), generator=torch.Generator().manual_seed(3))
@@ -100,6 +100,11 @@ def test_greedy_decode_gives_the_models_tokens():
 def test_models_it_does_not_cover_use_their_own_forward():
     from peft import LoraConfig, get_peft_model
 
-    assert not covers(get_peft_model(_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    lora = get_peft_model(_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not covers(lora)
     assert not covers(_model("qwen2", use_sliding_window=True, sliding_window=4))
     assert not covers(_model("llama", hidden_act="gelu"))
+    ids, mask = _prompts()
+    with torch.no_grad():  # the LoRA model decodes through its own forward, as the plain model does (adapter B = 0)
+        assert torch.equal(decode(lora, ids, mask, 6, EOS, PAD, greedy=True),
+                           decode(_model("llama"), ids, mask, 6, EOS, PAD, greedy=True))
