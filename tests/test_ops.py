@@ -141,3 +141,16 @@ def test_whiten():
     w = whiten(X, M)
     assert abs(masked_mean(w, M).item()) < 1e-6
     assert abs(masked_var(w, M).item() - 1.0) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_are_left_as_they_were(dtype):
+    """The chunks are scaled by 1/T in place after their upcast; for float32 logits that must not be in place on
+    the caller's tensor (which backward also reads)."""
+    logits = (torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    before = logits.clone()
+    leaf = logits.clone().requires_grad_(True)
+    logprobs_from_logits(leaf, torch.zeros(2, 4, dtype=torch.long), temperature=0.7).sum().backward()
+    entropy_from_logits(logits, temperature=0.7)
+    logprobs_from_logits(logits, torch.zeros(2, 4, dtype=torch.long), temperature=0.7)
+    assert torch.equal(logits, before) and torch.equal(leaf.detach(), before)
