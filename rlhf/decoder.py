@@ -10,8 +10,9 @@ a rollout; 1.9x `generate`'s tokens/s in `bench/ppo_vs_trl.py --generation`, 3.6
 The numbers are the model's own under autocast: the residual stream stays in the embedding's dtype (fp32), the
 norm outputs and matmuls run in the autocast dtype. The rotary embedding is the model's own module, so any rope
 scaling it supports is applied as it applies it. Tests check it against the model's forward (fp32: same logits
-to 1e-4, same greedy tokens). Whatever else (other architectures, LoRA-wrapped projections, sliding-window
-attention, another activation) is left to the model itself (`ModelWithCache`).
+to 1e-4, same greedy tokens). LoRA adapters are read merged into each weight, once per decoder. Whatever else
+(other architectures and adapters, sliding-window attention, another activation) is left to the model itself
+(`ModelWithCache`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
 
 def covers(model) -> bool:
-    """True if `LayerStackDecoder` computes this model's forward pass: a plain Llama or Qwen2 causal LM."""
+    """True if `LayerStackDecoder` computes this model's forward pass: a Llama or Qwen2 causal LM, plain or with
+    LoRA adapters from peft on its projections (read as base weight + the active adapters' B·A·scale)."""
+    model = _causal_lm(model)
     if type(model).__name__ not in SUPPORTED:
         return False
     config = model.config
@@ -34,20 +37,45 @@ def covers(model) -> bool:
     projections = [model.lm_head] + [getattr(layer.self_attn, name) for layer in model.model.layers
                                      for name in ("q_proj", "k_proj", "v_proj", "o_proj")] \
         + [getattr(layer.mlp, name) for layer in model.model.layers for name in ("gate_proj", "up_proj", "down_proj")]
-    return all(type(m) is torch.nn.Linear for m in projections)
+    return all(type(m) is torch.nn.Linear or _is_lora_linear(m) for m in projections)
 
 
-def _fused(linears: list[torch.nn.Linear], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several Linears that read the same input, in `dtype`: their outputs side by side.
-    Each weight is cast straight into its rows of the new tensor (one pass over the weights, not a cat then a cast)."""
-    weight = linears[0].weight.new_empty(sum(m.out_features for m in linears), linears[0].in_features, dtype=dtype)
-    bias = None if all(m.bias is None for m in linears) else weight.new_zeros(weight.shape[0])
+def _causal_lm(model):
+    """The transformers model inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_lora_linear(module) -> bool:
+    """A peft LoRA layer around a plain Linear (DoRA, which rescales the weight's columns, is not read here)."""
+    return (type(getattr(module, "base_layer", None)) is torch.nn.Linear and hasattr(module, "lora_A")
+            and hasattr(module, "get_delta_weight") and not any(getattr(module, "use_dora", {}).values()))
+
+
+def _weight_and_bias(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the projection multiplies by: a Linear's weight, or a LoRA layer's base weight plus each active
+    adapter's delta (none when the adapters are switched off, as for PPO's reference, or already merged)."""
+    if type(module) is torch.nn.Linear:
+        return module.weight, module.bias
+    weight = module.base_layer.weight
+    if not module.merged and not module.disable_adapters:
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                weight = weight + module.get_delta_weight(adapter)
+    return weight, module.base_layer.bias
+
+
+def _fused(linears: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections that read the same input, in `dtype`: their outputs side by
+    side. Each weight is cast straight into its rows of the new tensor (one pass, not a cat then a cast)."""
+    parts = [_weight_and_bias(m) for m in linears]
+    weight = parts[0][0].new_empty(sum(w.shape[0] for w, _ in parts), parts[0][0].shape[1], dtype=dtype)
+    bias = None if all(b is None for _, b in parts) else weight.new_zeros(weight.shape[0])
     row = 0
-    for m in linears:
-        weight[row:row + m.out_features].copy_(m.weight.detach())
-        if m.bias is not None:
-            bias[row:row + m.out_features].copy_(m.bias.detach())
-        row += m.out_features
+    for w, b in parts:
+        weight[row:row + w.shape[0]].copy_(w.detach())
+        if b is not None:
+            bias[row:row + w.shape[0]].copy_(b.detach())
+        row += w.shape[0]
     return weight, bias
 
 
@@ -73,8 +101,10 @@ class LayerStackDecoder:
     construction, else the model's), so a policy that trains between rollouts is read afresh by a new decoder.
     """
 
+    @torch.no_grad()
     def __init__(self, model, prompt_mask: torch.Tensor, max_new_tokens: int):
         device = prompt_mask.device
+        model = _causal_lm(model)
         backbone, config = model.model, model.config
         self.dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                       else backbone.embed_tokens.weight.dtype)

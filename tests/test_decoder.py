@@ -97,14 +97,40 @@ def test_greedy_decode_gives_the_models_tokens():
     assert (fast == plain).float().mean() > 0.8  # a near tie may break the other way in bf16
 
 
-def test_models_it_does_not_cover_use_their_own_forward():
+def _lora(model, **extra):
     from peft import LoraConfig, get_peft_model
 
-    lora = get_peft_model(_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert not covers(lora)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj"], **extra)
+    lora = get_peft_model(model, config)
+    for name, parameter in lora.named_parameters():
+        if "lora_B" in name:  # zero at the start: give the adapter something to add
+            torch.nn.init.normal_(parameter, std=0.3)
+    return lora.eval()
+
+
+def test_lora_is_read_merged_and_switched_off_for_the_reference():
+    """A peft LoRA model: the decoder reads base weight + B·A·scale; with the adapter off (PPO's reference,
+    `adapter_disabled`), the base weights alone. Both equal peft's own forward in fp32."""
+    from rlhf.models import adapter_disabled
+
+    lora = _lora(_model("llama"))
+    assert covers(lora)
+    ids, mask = _prompts()
+    continuation = torch.randint(2, 97, (3, 5), generator=torch.Generator().manual_seed(4))
+    ours, theirs = _teacher_forced(lora, ids, mask, continuation, bf16=False)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with adapter_disabled(lora):
+        ours_off, theirs_off = _teacher_forced(lora, ids, mask, continuation, bf16=False)
+    torch.testing.assert_close(ours_off, theirs_off, atol=1e-4, rtol=1e-4)
+    assert (ours - ours_off).abs().max() > 0.1  # the adapter changes the logits: both cases are tested
+
+
+def test_models_it_does_not_cover_use_their_own_forward():
+    dora = _lora(_model("llama"), use_dora=True)
+    assert not covers(dora)
     assert not covers(_model("qwen2", use_sliding_window=True, sliding_window=4))
     assert not covers(_model("llama", hidden_act="gelu"))
     ids, mask = _prompts()
-    with torch.no_grad():  # the LoRA model decodes through its own forward, as the plain model does (adapter B = 0)
-        assert torch.equal(decode(lora, ids, mask, 6, EOS, PAD, greedy=True),
-                           decode(_model("llama"), ids, mask, 6, EOS, PAD, greedy=True))
+    with torch.no_grad():  # the DoRA model decodes through its own forward: the same tokens either way
+        assert torch.equal(decode(dora, ids, mask, 6, EOS, PAD, greedy=True),
+                           decode(dora, ids, mask, 6, EOS, PAD, greedy=True, fast=False))
