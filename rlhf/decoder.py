@@ -46,9 +46,11 @@ def _causal_lm(model):
 
 
 def _is_lora_linear(module) -> bool:
-    """A peft LoRA layer around a plain Linear (DoRA, which rescales the weight's columns, is not read here)."""
+    """A peft LoRA layer around a plain Linear. DoRA (which rescales the weight's columns) and a LoRA bias (which
+    `get_delta_weight` leaves out) are not read here."""
     return (type(getattr(module, "base_layer", None)) is torch.nn.Linear and hasattr(module, "lora_A")
-            and hasattr(module, "get_delta_weight") and not any(getattr(module, "use_dora", {}).values()))
+            and hasattr(module, "get_delta_weight") and not any(getattr(module, "use_dora", {}).values())
+            and not any(getattr(module, "lora_bias", {}).values()))
 
 
 def _weight_and_bias(module) -> tuple[torch.Tensor, torch.Tensor | None]:

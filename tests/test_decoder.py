@@ -128,6 +128,7 @@ def test_lora_is_read_merged_and_switched_off_for_the_reference():
 def test_models_it_does_not_cover_use_their_own_forward():
     dora = _lora(_model("llama"), use_dora=True)
     assert not covers(dora)
+    assert not covers(_lora(_model("llama"), lora_bias=True))
     assert not covers(_model("qwen2", use_sliding_window=True, sliding_window=4))
     assert not covers(_model("llama", hidden_act="gelu"))
     ids, mask = _prompts()
