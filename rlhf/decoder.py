@@ -98,9 +98,10 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 class LayerStackDecoder:
     """Prefill and decode steps for one batch of left-padded prompts, with a preallocated KV cache.
 
-    `prefill(prompt_ids)` → the logits (B, V) after the prompt; `step(token_ids)` → the logits after one more
-    token per row. Weights are copied once, in the compute dtype (the autocast dtype when autocast is on at
-    construction, else the model's), so a policy that trains between rollouts is read afresh by a new decoder.
+    `prefill(prompt_ids)` → the logits (B, V) after the prompt (its mask given at construction);
+    `step(token_ids)` → the logits after one more token per row. Weights are copied once, in the compute dtype
+    (the autocast dtype when autocast is on at construction, else the model's), so a policy that trains between
+    rollouts is read afresh by a new decoder.
     """
 
     @torch.no_grad()
@@ -114,7 +115,7 @@ class LayerStackDecoder:
         self.head_size = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.intermediate = config.intermediate_size
         self.eps = config.rms_norm_eps
-        batch = prompt_mask.shape[0]
+        batch, prompt_width = prompt_mask.shape
         if _packs_for_cpu(device, self.dtype):
             self.linear, pack = _packed_linear, lambda weight: torch.ops.mkldnn._reorder_linear_weight(weight, batch)
         else:
@@ -138,7 +139,6 @@ class LayerStackDecoder:
         self.head, self.head_bias = fused([model.lm_head])
         self.rotary = backbone.rotary_emb
 
-        batch, prompt_width = prompt_mask.shape
         capacity = prompt_width + max_new_tokens
         shape = (batch, self.kv_heads, capacity, self.head_size)
         self.keys = [torch.empty(shape, dtype=self.dtype, device=device) for _ in self.layers]
@@ -148,15 +148,17 @@ class LayerStackDecoder:
         self.key_bias = torch.zeros(batch, capacity, dtype=self.dtype, device=device)
         self.key_bias[:, :prompt_width].masked_fill_(prompt_mask == 0, float("-inf"))
         self.filled = 0
-        self.next_position = position_ids_from_mask(prompt_mask)[:, -1:] + 1
+        self.prompt_mask, self.prompt_positions = prompt_mask, position_ids_from_mask(prompt_mask)
+        self.next_position = self.prompt_positions[:, -1:] + 1
 
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         width = prompt_ids.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=prompt_ids.device).tril()
         # a padding position attends to itself only: its output is never read, and a row of -inf would give NaN
-        attend = (causal & (prompt_mask[:, None] != 0)) | torch.eye(width, dtype=torch.bool, device=prompt_ids.device)
+        real = self.prompt_mask[:, None] != 0
+        attend = (causal & real) | torch.eye(width, dtype=torch.bool, device=prompt_ids.device)
         bias = torch.zeros(attend.shape, dtype=self.dtype, device=attend.device).masked_fill_(~attend, float("-inf"))
-        return self._forward(prompt_ids, position_ids_from_mask(prompt_mask), bias[:, None])
+        return self._forward(prompt_ids, self.prompt_positions, bias[:, None])
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         positions = self.next_position
@@ -209,13 +211,12 @@ class ModelWithCache:
         from transformers import DynamicCache
 
         self.model, self.cache = model, DynamicCache(config=model.config)
-        self.attention_mask = prompt_mask
-        self.next_position = position_ids_from_mask(prompt_mask)[:, -1:] + 1
+        self.attention_mask, self.prompt_positions = prompt_mask, position_ids_from_mask(prompt_mask)
+        self.next_position = self.prompt_positions[:, -1:] + 1
 
-    def prefill(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        positions = position_ids_from_mask(prompt_mask)
-        return self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=self.cache,
-                          use_cache=True, logits_to_keep=1).logits[:, -1]
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=prompt_ids, attention_mask=self.attention_mask, position_ids=self.prompt_positions,
+                          cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=1)

@@ -56,7 +56,8 @@ def weights_cast_once(model, bf16: bool):
     batch 8, `bench/ppo_vs_trl.py --generation`: `generate` on a frozen model 56 tokens/s, 107 with the casts kept;
     with `decode` as well, 139 against `generate`'s 62 in a later run). Frozen models loaded with `bf16_linears`
     need it only for the tied LM head. Under `no_grad` nothing is recorded, so the flags are only switched on for
-    the call and restored after.
+    the call and restored after. Only the model's own forward (`ModelWithCache`) needs it: `LayerStackDecoder`
+    casts its own copy of the weights once.
     """
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()] if bf16 else []
     for p in frozen:
@@ -131,7 +132,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_t
         return prompt_ids.new_empty(prompt_ids.shape[0], 0)
     with eager_layers():
         forward = (LayerStackDecoder if fast and covers(model) else ModelWithCache)(model, prompt_mask, max_new_tokens)
-        logits = forward.prefill(prompt_ids, prompt_mask)
+        logits = forward.prefill(prompt_ids)
         running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
         tokens = []
         for step in range(max_new_tokens):

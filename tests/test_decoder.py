@@ -44,7 +44,7 @@ def _teacher_forced(model, ids, mask, continuation, bf16: bool):
     """Logits (B, steps+1, V) after the prompt and after each forced token: ours, and the model's full forward."""
     with torch.no_grad(), autocast(CPU, bf16):
         stepper = LayerStackDecoder(model, mask, continuation.shape[1])
-        ours = [stepper.prefill(ids, mask)] + [stepper.step(token) for token in continuation.T]
+        ours = [stepper.prefill(ids)] + [stepper.step(token) for token in continuation.T]
         full_ids = torch.cat([ids, continuation], 1)
         full_mask = torch.cat([mask, torch.ones_like(continuation)], 1)
         theirs = model(input_ids=full_ids, attention_mask=full_mask,
