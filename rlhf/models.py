@@ -259,8 +259,12 @@ def compile_layers(*models: torch.nn.Module | None) -> int:
     run eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower than eager).
     Needs a C++ compiler on CPU. A None model (no reference, no critic) is passed over. → the number of layers compiled.
     """
+    import torch._inductor.config
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    # generated CPU kernels read the calling thread's thread count when they run, not the compiling thread's when
+    # they are made: inside a `SideBySide` lane they then take that lane's share of the cores instead of all of them
+    torch._inductor.config.cpp.dynamic_threads = True
     layers = [m for model in models if model is not None
               for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in layers:

@@ -222,6 +222,46 @@ def test_ppo_single_update_reuses_the_rollout_forward(tiny_model, reward_dir, wr
         assert torch.allclose(tensor, outs[False][name], atol=1e-6), name
 
 
+def test_ppo_separate_critic_side_by_side_gives_the_same_update(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatch):
+    """With a separate critic the policy's and the critic's backward passes run at once on CPU (`side_by_side`):
+    the trained policy and critic equal those of the run that takes them in turn."""
+    import threading
+
+    import rlhf.lanes as lanes_module
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # two threads to share, whatever the machine
+    lane_threads = []
+    real = lanes_module._run_with_threads
+    monkeypatch.setattr(lanes_module, "_run_with_threads",
+                        lambda *args: lane_threads.append(threading.current_thread().name) or real(*args))
+    prompts = write_jsonl("prompts.jsonl", PROMPTS)
+    outs, logs = {}, {}
+    try:
+        for side_by_side in (True, False):
+            out = tmp_path / f"ppo_{side_by_side}"
+            ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts),
+                                output_dir=str(out), steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=8,
+                                lr=1e-4, value_lr=1e-4, critic="model", side_by_side=side_by_side, bf16=False,
+                                gold=False, monitor_every=0))
+            outs[side_by_side] = (weights(out), weights(out / "critic"))
+            logs[side_by_side] = [json.loads(l) for l in (tmp_path / f"ppo_{side_by_side}_logs" / "metrics.jsonl").read_text().splitlines()]
+            if side_by_side:
+                assert len(lane_threads) == 8 and all(n.startswith("rlhf-lane") for n in lane_threads)  # 2 steps x 2 epochs x 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(lane_threads) == 8  # the run in turn used no lane
+    assert changed(weights(tiny_model), outs[True][0])
+    # the gradient's norm (policy and critic together, before clipping) is logged at every update: Adam alone would
+    # hide a critic gradient off by a constant factor
+    for together, in_turn in zip(logs[True], logs[False]):
+        for key in ("grad_norm", "policy_loss", "value_loss", "kl", "score"):
+            assert together[key] == pytest.approx(in_turn[key], rel=1e-5, abs=1e-7), key
+    for together, in_turn in zip(outs[True], outs[False]):
+        for name, tensor in together.items():
+            assert torch.allclose(tensor, in_turn[name], atol=1e-6), name
+
+
 def test_weights_cast_once_restores_frozen_flags(tiny_model):
     """Sampling a frozen model lets autocast keep its bf16 weight casts for the call, then leaves it frozen."""
     from rlhf.models import load_causal_lm, load_tokenizer
