@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from rlhf import config as cfg
 from rlhf import losses
@@ -131,6 +132,14 @@ def critic_values(critic, rollout: Rollout, bf16: bool, device) -> torch.Tensor:
         return critic.score(hidden[:, prompt_width - 1:-1]).squeeze(-1).float()
 
 
+def backward_and_norm(loss: torch.Tensor, parameters: list[torch.Tensor]):
+    """A piece of work for `SideBySide`: backward from `loss`, then the 2-norm of the gradients it left."""
+    def work() -> torch.Tensor:
+        loss.backward()
+        return get_total_norm([p.grad for p in parameters if p.grad is not None])
+    return work
+
+
 def main(config: Config) -> dict:
     """Train, save, and return the summary (the whole of `training`)."""
     return run_to_end(training(config))
@@ -214,8 +223,9 @@ def training(config: Config) -> Iterator[dict]:
     monitor_samples: list[dict] = []
 
     updates_per_step = config.ppo_epochs * (config.batch_size // config.mini_batch_size)
+    policy_parameters = [p for p in policy.parameters() if p.requires_grad]
     optimizer, schedule = optimizer_and_schedule(
-        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.lr},
+        [{"params": policy_parameters, "lr": config.lr},
          {"params": critic_parameters, "lr": config.value_lr}],
         config.lr, 0.0, config.steps * updates_per_step, 0)
     # one PPO epoch over one mini-batch: the only update's forward pass is also the rollout's (the policy has not
@@ -293,10 +303,13 @@ def training(config: Config) -> Iterator[dict]:
                                                           part.response_mask, config.value_clip)
                 if critic_model is None:  # one graph: the value head sits on the policy
                     (pg_loss + config.vf_coef * vf_loss).backward()
-                else:  # two graphs with no node in common: the same gradients as the sum's, side by side
-                    lanes.run(pg_loss.backward, (config.vf_coef * vf_loss).backward)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [p for p in policy.parameters() if p.requires_grad] + critic_parameters, 1.0)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters + critic_parameters, 1.0)
+                else:  # two graphs with no node in common: the same gradients as the sum's, side by side, and each
+                    # side's gradient norm; clipping then uses the norm of both, as clip_grad_norm_ would
+                    side_norms = lanes.run(backward_and_norm(pg_loss, policy_parameters),
+                                           backward_and_norm(config.vf_coef * vf_loss, critic_parameters))
+                    grad_norm = get_total_norm(torch.stack(side_norms))
+                    clip_grads_with_norm_(policy_parameters + critic_parameters, 1.0, grad_norm)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
