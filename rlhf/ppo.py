@@ -38,7 +38,7 @@ from rlhf.lanes import SideBySide
 from rlhf.models import (adapter_disabled, add_lora, attention_for_width, autocast, compile_layers, count_parameters, load_causal_lm, load_reward_model,
                          load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
                          pick_device, resolve_model_path, save_atomic, score_sequences)
-from rlhf.ops import entropy_from_logits, logprobs_from_logits, masked_mean, whiten
+from rlhf.ops import logprobs_and_entropy_from_logits, logprobs_from_logits, masked_mean, whiten
 from rlhf.rollout import Rollout, forward_logits, sample
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
@@ -115,8 +115,11 @@ def response_logprobs_values(model, value_head, rollout: Rollout, temperature: f
                                         logits_to_keep=response_width + 1)
         logits = logits[:, :-1]
         values = value_head(hidden[:, prompt_width - 1:-1]).squeeze(-1).float() if want_values else None
-    logprobs = logprobs_from_logits(logits, rollout.response_ids, temperature)
-    entropy = entropy_from_logits(logits, rollout.response_mask, temperature) if want_entropy else None
+    if want_entropy:
+        logprobs, entropy = logprobs_and_entropy_from_logits(logits, rollout.response_ids, rollout.response_mask,
+                                                             temperature)
+    else:
+        logprobs, entropy = logprobs_from_logits(logits, rollout.response_ids, temperature), None
     return logprobs, values, entropy
 
 

@@ -6,6 +6,7 @@ import torch
 from rlhf import ops
 from rlhf.ops import (
     entropy_from_logits,
+    logprobs_and_entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
@@ -154,3 +155,24 @@ def test_logits_are_left_as_they_were(dtype):
     entropy_from_logits(logits, temperature=0.7)
     logprobs_from_logits(logits, torch.zeros(2, 4, dtype=torch.long), temperature=0.7)
     assert torch.equal(logits, before) and torch.equal(leaf.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(dtype, monkeypatch):
+    """One pass over the logits gives the same log-probabilities (and gradient) and entropy as the two functions."""
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", 40)  # several chunks
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 11, generator=g).to(dtype)
+    logits[0, 1, 3] = float("-inf")
+    labels = torch.randint(0, 11, (3, 4), generator=g)
+    mask = torch.rand(3, 4, generator=g) > 0.3
+    one = logits.clone().requires_grad_(True)
+    two = logits.clone().requires_grad_(True)
+    logprobs, entropy = logprobs_and_entropy_from_logits(one[:, :], labels, mask, temperature=0.7)
+    expected_logprobs = logprobs_from_logits(two, labels, temperature=0.7)
+    torch.testing.assert_close(logprobs, expected_logprobs, atol=0, rtol=0)
+    torch.testing.assert_close(entropy, entropy_from_logits(logits, mask, temperature=0.7), atol=0, rtol=0)
+    assert not entropy.requires_grad and torch.isfinite(entropy).all()
+    (logprobs * torch.arange(12.0).view(3, 4)).sum().backward()
+    (expected_logprobs * torch.arange(12.0).view(3, 4)).sum().backward()
+    torch.testing.assert_close(one.grad, two.grad, atol=0, rtol=0)
