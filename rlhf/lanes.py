@@ -1,11 +1,13 @@
 """Two independent pieces of work side by side on a CPU, each on its own share of the cores.
 
-Why: on a small CPU a model's training-width matmuls use the cores poorly. On this 2-core machine many of
+Why: on a small CPU a model's training-width matmuls use the cores poorly. On this 2-core machine several of
 SmolLM2-135M's bf16 matmuls at 784 rows (8 sequences of 98 tokens) run no faster on 2 threads than on 1 (q and
-o projections forward, the MLP's input gradients, the down projection forward: 0.98-1.10x), and the
-elementwise work between them is small. Two models that do not depend on each other (PPO's policy and its
-separate critic) therefore finish sooner when each gets one core than when they take turns on two: forward +
-backward of two SmolLM2 copies, compiled layers, 4.76 s in turn against 3.62 s side by side (`bench/README.md`).
+o projections forward, the MLP's input gradients, the down projection forward: 0.98-1.10x). So two backward
+passes that do not depend on each other (PPO's policy and its separate critic) can finish sooner each on one
+core than taking turns on two: in PPO's like-for-like iteration (compiled, bf16, in-process A/B, median of 10)
+the backward passes took 1.51 s side by side against 1.60 in turn, the iteration 5.28 against 5.48
+(`bench/README.md`). Forward passes side by side were slower there (0.98 against 0.83 s), so PPO runs only its
+backward passes this way.
 
 `SideBySide(enabled).run(first, second)` returns `(first(), second())`. When enabled, `second` runs in a
 worker thread while `first` runs in the calling thread, each with half the intra-op threads; the calling

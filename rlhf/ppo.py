@@ -88,9 +88,9 @@ class Config:
     generation_batch_size: int = cfg.field(64, "prompts sampled at once")
     reuse_rollout_forward: bool = cfg.field(True, "with ppo_epochs 1 and mini_batch_size = batch_size, the update reuses "
                                                   "the rollout's forward pass instead of a second one (same result)")
-    side_by_side: bool = cfg.field(True, "CPU with critic: model: run the policy's forward and backward passes and the critic's "
-                                         "(and the reward model's) at once, each on half the cores (same results; faster "
-                                         "where one model's matmuls do not fill the cores)")
+    side_by_side: bool = cfg.field(True, "CPU with critic: model: run the policy's and the critic's backward passes at once, "
+                                         "each on half the cores (same gradients; faster where one model's matmuls do not "
+                                         "fill the cores)")
     bf16: bool = cfg.field(True, "bf16 autocast")
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
@@ -234,7 +234,7 @@ def training(config: Config) -> Iterator[dict]:
     # one PPO epoch over one mini-batch: the only update's forward pass is also the rollout's (the policy has not
     # changed in between), so its detached outputs serve as π_old and old values and no forward runs twice
     single_update = config.reuse_rollout_forward and config.ppo_epochs == 1 and config.mini_batch_size == config.batch_size
-    # the policy's passes and the separate critic's (and the reward model's) side by side, one share of the cores each
+    # the policy's and the separate critic's backward passes side by side, half the cores each (`rlhf.lanes`)
     lanes = SideBySide(config.side_by_side and critic_model is not None and device.type == "cpu")
     log = RunLog(out.parent / f"{out.name}_logs")
     beta = config.beta

@@ -36,10 +36,10 @@ def test_runs_the_second_piece_in_another_thread_with_half_the_threads(two_threa
 
 
 def test_off_or_single_threaded_it_runs_in_turn(two_threads):
-    for lanes in (SideBySide(False), SideBySide(True)):
-        if lanes.enabled:
-            torch.set_num_threads(1)
-            lanes = SideBySide(True)  # one thread: nothing to share
+    off = SideBySide(False)
+    torch.set_num_threads(1)
+    single = SideBySide(True)  # one thread: nothing to share
+    for lanes in (off, single):
         names = []
         lanes.run(lambda: names.append(threading.current_thread().name),
                   lambda: names.append(threading.current_thread().name))
