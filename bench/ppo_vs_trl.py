@@ -311,7 +311,7 @@ def synchronize() -> None:
 def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
     """Tokens/s of our sampler (`rlhf.rollout.sample`) and of transformers' `generate` under bf16 autocast, on the
     same batch of 8 prompts, 48 new tokens forced (min_new_tokens), the same sampling settings; median of `repeats`
-    after one warm-up. Two models: a frozen one (as `rlhf pairs` and `rlhf eval` load it) and a trainable one
+    after one warm-up (which compiles ours' decode step under --compile). Two models: a frozen one (as `rlhf pairs` and `rlhf eval` load it) and a trainable one
     (as PPO's policy, and TRL's, is)."""
     from rlhf.models import autocast, load_causal_lm
     from rlhf.rollout import sample
@@ -333,7 +333,7 @@ def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
 
         def ours():
             rollout = sample(model, tokenizer, prompts, RESPONSE_TOKENS, TEMPERATURE, batch_size=BATCH, bf16=True,
-                             min_new_tokens=RESPONSE_TOKENS)
+                             min_new_tokens=RESPONSE_TOKENS, compiled=COMPILE)  # as PPO samples with `compile: true`
             return rollout.response_ids.shape[1] * BATCH
 
         for name, run in (("transformers_generate", hf), ("ours", ours)):

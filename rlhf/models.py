@@ -256,7 +256,8 @@ def compile_layers(*models: torch.nn.Module | None) -> int:
     forward + backward 1.30 → 1.06 s per layer-compiled pass with ~17 s of compiling, against 1.00 s after ~240 s
     for the whole model compiled as one graph. Layers of one class share their compiled code (their weights are
     graph inputs), and `dynamic=True` keeps one graph across sequence widths. Passes with a KV cache (`decode`)
-    run eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower than eager).
+    run these layers eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower
+    than eager); sampling has its own compiled step instead (`LayerStackDecoder(compiled=True)`).
     Needs a C++ compiler on CPU. A None model (no reference, no critic) is passed over. → the number of layers compiled.
     """
     import torch._inductor.config

@@ -1,4 +1,5 @@
-"""`compile: true`: decoder layers compiled with torch.compile give the eager numbers; decoding stays eager."""
+"""`compile: true`: decoder layers compiled with torch.compile give the eager numbers; `decode` runs a compiled
+model's layers eager, and PPO's rollouts take compiled decode steps (`LayerStackDecoder(compiled=True)`)."""
 
 import json
 
@@ -38,8 +39,8 @@ def test_compiled_layers_give_the_eager_logits_gradients_and_tokens(tiny_model):
 
 
 def test_ppo_with_compiled_layers_starts_as_the_eager_run(tiny_model, reward_dir, write_jsonl, tmp_path):
-    """Four models, all compiled: the first iteration (sampled eager, scored and trained compiled) logs the eager
-    run's numbers, and the policy saves as a plain model."""
+    """Four models, all compiled: the first iteration (sampled with compiled decode steps, scored and trained
+    compiled) logs the eager run's numbers, and the policy saves as a plain model."""
     prompts = write_jsonl("prompts.jsonl", PROMPTS)
     first_rows = {}
     for compiled in (False, True):

@@ -40,10 +40,10 @@ def _prompts():
     return ids.masked_fill(mask == 0, PAD), mask
 
 
-def _teacher_forced(model, ids, mask, continuation, bf16: bool):
+def _teacher_forced(model, ids, mask, continuation, bf16: bool, compiled: bool = False):
     """Logits (B, steps+1, V) after the prompt and after each forced token: ours, and the model's full forward."""
     with torch.no_grad(), autocast(CPU, bf16):
-        stepper = LayerStackDecoder(model, mask, continuation.shape[1])
+        stepper = LayerStackDecoder(model, mask, continuation.shape[1], compiled=compiled)
         ours = [stepper.prefill(ids)] + [stepper.step(token) for token in continuation.T]
         full_ids = torch.cat([ids, continuation], 1)
         full_mask = torch.cat([mask, torch.ones_like(continuation)], 1)
@@ -79,6 +79,42 @@ def test_bf16_logits_within_the_autocast_rounding():
     rounding = (theirs - exact).abs().max()
     assert rounding > 0
     assert (ours - theirs).abs().max() <= 3 * rounding
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["oneDNN-packed", "F.linear"])
+def test_compiled_steps_equal_the_models_forward(packed, monkeypatch):
+    """Compiled decode steps (whole cache attended, unwritten slots masked, the packed matmul as our own operator):
+    fp32 logits equal the model's forward; in bf16, within what bf16 moves the fp32 logits."""
+    if not packed:
+        monkeypatch.setattr(decoder, "_packs_for_cpu", lambda device, dtype: False)
+    model = _model("qwen2")
+    ids, mask = _prompts()
+    continuation = torch.randint(2, 97, (3, 5), generator=torch.Generator().manual_seed(5))
+    ours, theirs = _teacher_forced(model, ids, mask, continuation, bf16=False, compiled=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    if packed:
+        ours_bf16, theirs_bf16 = _teacher_forced(model, ids, mask, continuation, bf16=True, compiled=True)
+        assert (ours_bf16 - theirs_bf16).abs().max() <= 3 * (theirs_bf16 - theirs).abs().max()
+
+
+def test_compiled_decoder_compiles_once_per_cache_bucket():
+    """Prompts of another width and another rollout of the same batch size reuse the compiled step; the cache is
+    the prompt plus the answer rounded up to `CAPACITY_STEP` slots."""
+    from torch._dynamo.utils import counters
+
+    model = _model("llama")
+    ids, mask = _prompts()
+    with torch.no_grad():
+        first = decode(model, ids, mask, 6, EOS, PAD, greedy=True, compiled=True)
+        compiled_frames = counters["frames"]["ok"]
+        assert compiled_frames >= 1
+        wider = torch.cat([torch.full((3, 4), PAD), ids], 1), torch.cat([torch.zeros(3, 4, dtype=mask.dtype), mask], 1)
+        again = decode(model, *wider, 6, EOS, PAD, greedy=True, compiled=True)
+        assert counters["frames"]["ok"] == compiled_frames  # nothing compiled again
+        assert torch.equal(first, again)  # more left padding changes nothing
+        assert torch.equal(first, decode(model, ids, mask, 6, EOS, PAD, greedy=True))  # the eager steps' tokens
+        stepper = LayerStackDecoder(model, mask, 60, compiled=True)
+    assert stepper.keys[0].shape[2] == 2 * decoder.CAPACITY_STEP  # 7 + 60 slots, rounded up
 
 
 def test_greedy_decode_gives_the_models_tokens():
