@@ -67,6 +67,7 @@ LR = 3e-6  # TRL 1.12 PPOConfig's default learning rate
 EOS_PENALTY = 1.0
 COMPILE = False  # ours with `compile: true` (decoder layers compiled for scoring and training; set by --compile)
 SIDE_BY_SIDE = True  # ours with `side_by_side: true`, its default (--in-turn sets false: the ablation)
+COMPILE_DECODE = True  # with --compile, ours with `compile_decode: true`, its default (--eager-decode: the ablation)
 
 
 def peak_rss_mib() -> float:
@@ -185,7 +186,7 @@ def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path
                       steps=steps, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=1, max_new_tokens=RESPONSE_TOKENS,
                       temperature=TEMPERATURE, lr=LR, value_lr=LR if critic == "model" else 1e-3, critic=critic,
                       beta=BETA, kl_estimator="k1", normalize_reward=False, missing_eos_penalty=EOS_PENALTY, gold=False,
-                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16, compile=COMPILE, side_by_side=SIDE_BY_SIDE,
+                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16, compile=COMPILE, compile_decode=COMPILE_DECODE, side_by_side=SIDE_BY_SIDE,
                       device=DEVICE, seed=0)
 
 
@@ -279,7 +280,8 @@ def peak_memory_mib() -> float:
 def child_peak_memory(side: str, tmp: Path, setting: str) -> float:
     """Peak memory of one side alone (3 iterations), in its own process: RSS on CPU, allocated memory on a GPU."""
     command = [sys.executable, __file__, "--memory-child", side, "--setting", setting, "--workdir", str(tmp),
-               "--model", MODEL, "--device", DEVICE] + (["--compile"] if COMPILE else []) + ([] if SIDE_BY_SIDE else ["--in-turn"])
+               "--model", MODEL, "--device", DEVICE] + (["--compile"] if COMPILE else []) + ([] if SIDE_BY_SIDE else ["--in-turn"]) \
+        + ([] if COMPILE_DECODE else ["--eager-decode"])
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     for line in result.stdout.splitlines():
         if line.startswith("PEAK_RSS_MIB "):
@@ -333,7 +335,7 @@ def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
 
         def ours():
             rollout = sample(model, tokenizer, prompts, RESPONSE_TOKENS, TEMPERATURE, batch_size=BATCH, bf16=True,
-                             min_new_tokens=RESPONSE_TOKENS, compiled=COMPILE)  # as PPO samples with `compile: true`
+                             min_new_tokens=RESPONSE_TOKENS, compiled=COMPILE and COMPILE_DECODE)  # as PPO samples
             return rollout.response_ids.shape[1] * BATCH
 
         for name, run in (("transformers_generate", hf), ("ours", ours)):
@@ -411,6 +413,8 @@ def main() -> None:
     parser.add_argument("--generation", action="store_true", help="also compare generation tokens/s")
     parser.add_argument("--compile", action="store_true", help="ours with `compile: true` (TRL 1.12's PPOTrainer has "
                                                                "no compile path: its accelerator has no dynamo plugin)")
+    parser.add_argument("--eager-decode", action="store_true", help="with --compile, ours with `compile_decode: false`: "
+                                                                    "sampling's decode steps eager (the ablation)")
     parser.add_argument("--in-turn", action="store_true", help="ours with `side_by_side: false`: the policy's and the "
                                                                "critic's backward passes in turn (the ablation)")
     parser.add_argument("--skip-memory", action="store_true")
@@ -419,9 +423,10 @@ def main() -> None:
     parser.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global MODEL, DEVICE, COMPILE, SIDE_BY_SIDE
+    global MODEL, DEVICE, COMPILE, SIDE_BY_SIDE, COMPILE_DECODE
     MODEL, DEVICE, COMPILE = ("tiny" if args.tiny else args.model), args.device, args.compile
     SIDE_BY_SIDE = not args.in_turn
+    COMPILE_DECODE = not args.eager_decode
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -435,7 +440,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{os.cpu_count()} CPU threads")
     results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-               "ours_compiled": COMPILE, "ours_side_by_side": SIDE_BY_SIDE}
+               "ours_compiled": COMPILE, "ours_side_by_side": SIDE_BY_SIDE,
+               "ours_compiled_decode": COMPILE and COMPILE_DECODE}
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         policy_dir, reward_dir = build_models(tmp)

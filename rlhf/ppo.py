@@ -92,9 +92,11 @@ class Config:
                                          "each on half the cores (same gradients; faster where one model's matmuls do not "
                                          "fill the cores)")
     bf16: bool = cfg.field(True, "bf16 autocast")
-    compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes, and the "
-                                     "rollout's decode step as one graph: faster steps after a one-off compile; needs a "
-                                     "C++ compiler")
+    compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (and, with "
+                                     "compile_decode, the rollout's decode step as one graph): faster steps after a "
+                                     "one-off compile; needs a C++ compiler")
+    compile_decode: bool = cfg.field(True, "with compile: sampling's decode step compiled too (one more compile, ~20 s, "
+                                           "per batch size and cache-length bucket)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
 
@@ -252,7 +254,7 @@ def training(config: Config) -> Iterator[dict]:
 
         # 1. rollout
         rollout = sample(policy, tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
-                         batch_size=config.generation_batch_size, bf16=config.bf16, compiled=config.compile)
+                         batch_size=config.generation_batch_size, bf16=config.bf16, compiled=config.compile and config.compile_decode)
         rollout = Rollout(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in (
             rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.ended, rollout.texts)))
         generation_seconds = time.time() - step_started
