@@ -157,7 +157,7 @@ class LayerStackDecoder:
         # mask (0 or -inf) in the compute dtype, which attention takes as it is (a bool mask is converted at every call)
         self.key_bias = torch.zeros(batch, capacity, dtype=self.dtype, device=device)
         self.key_bias[:, :prompt_width].masked_fill_(prompt_mask == 0, float("-inf"))
-        self.layer_stack = _compiled_layer_stack() if compiled else _layer_stack
+        self.compiled_stack = _compiled_layer_stack() if compiled else None
         if compiled:
             self.key_bias[:, prompt_width:] = float("-inf")  # each slot is opened as its token is written
         self.filled = 0
@@ -176,11 +176,11 @@ class LayerStackDecoder:
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         positions = self.next_position
         self.next_position = positions + 1
-        if self.layer_stack is _layer_stack:  # attend to the slots filled so far, this token's included
+        if self.compiled_stack is None:  # attend to the slots filled so far, this token's included
             return self._forward(token_ids[:, None], positions, self.key_bias[:, None, None, :self.filled + 1],
                                  _layer_stack)
         self.key_bias[:, self.filled] = 0  # compiled: the whole cache, this token's slot now open
-        return self._forward(token_ids[:, None], positions, self.key_bias[:, None, None], self.layer_stack)
+        return self._forward(token_ids[:, None], positions, self.key_bias[:, None, None], self.compiled_stack)
 
     @torch.no_grad()
     def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, key_bias: torch.Tensor, layer_stack) -> torch.Tensor:
