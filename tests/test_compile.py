@@ -5,9 +5,9 @@ import json
 
 import torch
 
-from rlhf import ppo, sft
+from rlhf import ops, ppo, sft
 from rlhf.data import position_ids_from_mask
-from rlhf.models import compile_layers, load_causal_lm, load_tokenizer
+from rlhf.models import attention_for_width, autocast, compile_layers, load_causal_lm, load_tokenizer
 from rlhf.rollout import decode
 
 from test_stages import DEMOS, PROMPTS, weights, changed  # noqa: F401  (fixtures and data shared with the stage tests)
@@ -36,6 +36,41 @@ def test_compiled_layers_give_the_eager_logits_gradients_and_tokens(tiny_model):
         tokens = [decode(m, ids, mask, 6, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
                   for m in (eager, compiled)]
     assert torch.equal(tokens[0], tokens[1])
+
+
+def test_compiled_bf16_layers_take_our_attention_and_agree_with_eager(tiny_model, monkeypatch, tmp_path):
+    """Under bf16 autocast on CPU a compiled layer's attention is `ops.masked_attention` (flash forward, our
+    backward): the logits and gradients agree with the eager (math kernel) pass to bf16 rounding, a compiled
+    reference gives the compiled policy's logits exactly (KL 0 at the start), and a saved model names plain SDPA."""
+    torch._dynamo.reset()  # trace afresh, so that the spy below sees the attention the graphs are built from
+    traced = []
+    real = ops.masked_attention
+    monkeypatch.setattr(ops, "masked_attention", lambda *args: traced.append(args[0].shape) or real(*args))
+    cpu = torch.device("cpu")
+    eager, compiled = load_causal_lm(tiny_model, cpu), load_causal_lm(tiny_model, cpu)
+    reference = load_causal_lm(tiny_model, cpu, trainable=False, bf16_linears=True)
+    compile_layers(compiled, reference)
+    assert compiled.config._attn_implementation == reference.config._attn_implementation == "rlhf_sdpa"
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16]])
+    mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
+    results = {}
+    for name, model in (("eager", eager), ("compiled", compiled), ("reference", reference)):
+        with torch.set_grad_enabled(name != "reference"), autocast(cpu, True), attention_for_width(cpu, 7, True):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                           use_cache=False).logits.float()
+        if name != "reference":
+            logits.logsumexp(-1)[mask.bool()].mean().backward()
+        results[name] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    assert traced, "the compiled layers did not trace ops.masked_attention"
+    (eager_logits, eager_grads), (compiled_logits, compiled_grads) = results["eager"], results["compiled"]
+    real_rows = mask.bool()
+    assert torch.allclose(eager_logits[real_rows], compiled_logits[real_rows], atol=0.05, rtol=0.02)
+    for name, grad in eager_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), compiled_grads[name].flatten(), dim=0)
+        assert cosine > 0.99, (name, cosine)
+    assert torch.equal(results["reference"][0], compiled_logits)
+    compiled.save_pretrained(tmp_path / "saved")
+    assert "rlhf_sdpa" not in (tmp_path / "saved" / "config.json").read_text()
 
 
 def test_ppo_with_compiled_layers_starts_as_the_eager_run(tiny_model, reward_dir, write_jsonl, tmp_path):

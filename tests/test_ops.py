@@ -176,3 +176,40 @@ def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(dtype, monkeyp
     (logprobs * torch.arange(12.0).view(3, 4)).sum().backward()
     (expected_logprobs * torch.arange(12.0).view(3, 4)).sum().backward()
     torch.testing.assert_close(one.grad, two.grad, atol=0, rtol=0)
+
+
+def _reference_attention(query, key, value, allowed, scale):
+    """Attention written out in float64: repeated KV heads, a masked softmax, rows with nothing allowed give 0."""
+    group = query.shape[1] // key.shape[1]
+    k, v = key.double().repeat_interleave(group, 1), value.double().repeat_interleave(group, 1)
+    scores = (query.double() @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    return probs @ v
+
+
+def _attention_case(dtype):
+    torch.manual_seed(0)
+    batch, heads, kv_heads, width, head_dim = 3, 6, 2, 7, 8  # grouped: 3 query heads per key/value head
+    query = torch.randn(batch, heads, width, head_dim).to(dtype).requires_grad_()
+    key = torch.randn(batch, kv_heads, width, head_dim).to(dtype).requires_grad_()
+    value = torch.randn(batch, kv_heads, width, head_dim).to(dtype).requires_grad_()
+    padding = torch.arange(width) >= torch.tensor([[0], [2], [4]])  # left padding of 0, 2 and 4 tokens
+    allowed = (torch.ones(width, width, dtype=torch.bool).tril() & padding[:, None, :])[:, None]  # (B, 1, T, T)
+    grad_out = torch.randn(batch, heads, width, head_dim).to(dtype) * padding[:, None, :, None]
+    return query, key, value, allowed, grad_out
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_masked_attention_and_its_backward_equal_attention_written_out(dtype, tolerance):
+    query, key, value, allowed, grad_out = _attention_case(dtype)
+    out = ops.masked_attention(query, key, value, allowed)
+    out.backward(grad_out)
+    ours = (out, query.grad, key.grad, value.grad)
+    leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+    expected = _reference_attention(*leaves, allowed, query.shape[-1] ** -0.5)
+    expected.backward(grad_out.double())
+    for name, got, want in zip(("out", "dq", "dk", "dv"), ours, (expected, *(t.grad for t in leaves))):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        assert torch.allclose(got.double(), want, atol=tolerance, rtol=tolerance), name
+    # a query row with no key allowed (query 0 of the padded rows): output and its gradient are 0, not NaN
+    assert out[1, :, 0].abs().max() == 0 and query.grad[2, :, :4].abs().max() == 0
