@@ -183,7 +183,8 @@ def attention_for_width(device: torch.device, width: int, bf16: bool):
     180, and the math kernel loses from ~200 on (49 vs 132 ms at 384), where its (width x width) attention matrices
     also start to cost memory. In fp32 the fused kernel wins at every width (6.1 vs 7.6 ms at 90). The two agree to
     rounding. Elsewhere (fp32, CUDA, long sequences) the default choice stands. Forward passes whose results are
-    compared (policy and reference log-probabilities) must run under the same choice.
+    compared (policy and reference log-probabilities) must run under the same choice. Layers compiled by
+    `compile_layers` take neither at these widths: they run `_training_attention` (flash forward, our backward).
     """
     if not bf16 or device.type != "cpu" or width > SHORT_SEQUENCE:
         return contextlib.nullcontext()
@@ -200,8 +201,9 @@ def _training_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
     There the math kernel that `attention_for_width` picks for eager passes is the slow part of a layer: inside
     a compiled layer (SmolLM2-135M, batch 8, width 98) its softmax kernel took 2.0 ms of a no-grad forward's
-    ~11 ms. The flash kernel's forward with our own backward made the policy's forward + backward 1.43 → 1.31 s
-    and the reference's forward 0.41 → 0.34 s (alternating in one process). Eager, our backward's unfused steps
+    ~11 ms. The flash kernel's forward with our own backward made the policy's forward + backward 1.24 → 1.16 s
+    and the reference's forward 0.35 → 0.31 s at width 98, 1.79 → 1.63 s and 0.56 → 0.47 s at width 158
+    (compiled models alternating in one process). Eager, our backward's unfused steps
     are slower than the math kernel's (fwd + bwd 11.7 against 6.9 ms a layer), so eager passes keep the math one.
     Every model of a run is compiled alike, so the policy and the reference still run the same kernels (KL 0 at
     the start). Anything else (eager, fp32, CUDA, longer widths, steps with a KV cache) is transformers' SDPA path.
@@ -301,8 +303,10 @@ def compile_layers(*models: torch.nn.Module | None) -> int:
     into a few kernels; the matmuls stay oneDNN's. Measured here (SmolLM2-135M, batch 8, width 98, bf16 autocast):
     forward + backward 1.30 → 1.06 s per layer-compiled pass with ~17 s of compiling, against 1.00 s after ~240 s
     for the whole model compiled as one graph. Layers of one class share their compiled code (their weights are
-    graph inputs), and `dynamic=True` keeps one graph across sequence widths. Passes with a KV cache (`decode`)
-    run these layers eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower
+    graph inputs), and `dynamic=True` keeps one graph across sequence widths. The models' attention becomes
+    `TRAINING_ATTENTION` (`_training_attention`): at short bf16 widths on CPU the flash kernel's forward and our own
+    backward, 5.86 → 5.23 s on a like-for-like PPO iteration (in-process A/B). A saved config.json does not carry
+    this choice. Passes with a KV cache (`decode`) run these layers eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower
     than eager); sampling has its own compiled step instead (`LayerStackDecoder(compiled=True)`).
     Needs a C++ compiler on CPU. A None model (no reference, no critic) is passed over. → the number of layers compiled.
     """

@@ -143,6 +143,10 @@ class _MaskedAttention(torch.autograd.Function):
     Grouped-query attention: query head h reads key/value head h // (heads / kv_heads), as `repeat_kv` does; the
     query heads of one group are stacked along the rows, so K and V are never repeated in the backward.
     Left padding leaves rows with nothing allowed: their output is 0 and so are their gradients.
+    Precision, bf16 (one layer's shapes against float32, max error of out / dQ / dK / dV): math kernel 0.008 / 0.008 /
+    0.013 / 0.022, flash forward and backward (what SDPA picks by default, and TRL runs) 0.008 / 0.012 / 0.039 / 0.068,
+    this 0.008 / 0.012 / 0.017 / 0.022. In the whole SmolLM2 policy against float32, a weight gradient's rms error
+    was 4.4% of its rms here and 3.0% with the math kernel; the log-probabilities' about the same (0.077 vs 0.074).
     """
 
     @staticmethod
