@@ -306,8 +306,9 @@ def compile_layers(*models: torch.nn.Module | None) -> int:
     graph inputs), and `dynamic=True` keeps one graph across sequence widths. The models' attention becomes
     `TRAINING_ATTENTION` (`_training_attention`): at short bf16 widths on CPU the flash kernel's forward and our own
     backward, 5.86 → 5.23 s on a like-for-like PPO iteration (in-process A/B). A saved config.json does not carry
-    this choice. Passes with a KV cache (`decode`) run these layers eager: a cache indexed by layer number would compile once per layer (tried: 179 s, and slower
-    than eager); sampling has its own compiled step instead (`LayerStackDecoder(compiled=True)`).
+    this choice. Passes with a KV cache (`decode`) run these layers eager: a cache indexed by layer number would
+    compile once per layer (tried: 179 s, and slower than eager); sampling has its own compiled step instead
+    (`LayerStackDecoder(compiled=True)`).
     Needs a C++ compiler on CPU. A None model (no reference, no critic) is passed over. → the number of layers compiled.
     """
     import torch._inductor.config
