@@ -185,7 +185,8 @@ class LayerStackDecoder:
         return self._forward(token_ids[:, None], positions, self.key_bias[:, None, None], self.compiled_stack)
 
     @torch.no_grad()
-    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, key_bias: torch.Tensor, layer_stack) -> torch.Tensor:
+    def _forward(self, token_ids: torch.Tensor, positions: torch.Tensor, key_bias: torch.Tensor,
+                 layer_stack) -> torch.Tensor:
         start, end = self.filled, self.filled + token_ids.shape[1]
         with torch.autocast(token_ids.device.type, enabled=False):
             hidden = self.embedding[token_ids]  # (B, T, hidden), the residual stream in the embedding's dtype
@@ -250,7 +251,8 @@ def _packed_linear_op():
     library = torch.library.Library("rlhf", "DEF")
     library.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
     library.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
-    torch.library.register_fake("rlhf::packed_linear", lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
+    torch.library.register_fake("rlhf::packed_linear",
+                                lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]))
     _packed_linear_op.library = library  # the definition lives as long as this reference
     return torch.ops.rlhf.packed_linear.default
 

@@ -152,7 +152,8 @@ class _MaskedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, allowed, scale):
         group = query.shape[1] // key.shape[1]
-        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill_(~allowed, float("-inf"))
+        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        additive.masked_fill_(~allowed, float("-inf"))
         out, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), 0.0, False,
             attn_mask=additive, scale=scale)

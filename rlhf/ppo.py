@@ -254,7 +254,8 @@ def training(config: Config) -> Iterator[dict]:
 
         # 1. rollout
         rollout = sample(policy, tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
-                         batch_size=config.generation_batch_size, bf16=config.bf16, compiled=config.compile and config.compile_decode)
+                         batch_size=config.generation_batch_size, bf16=config.bf16,
+                         compiled=config.compile and config.compile_decode)
         rollout = Rollout(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in (
             rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.ended, rollout.texts)))
         generation_seconds = time.time() - step_started
