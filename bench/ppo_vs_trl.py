@@ -315,7 +315,8 @@ def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
     same batch of 8 prompts, 48 new tokens forced (min_new_tokens), the same sampling settings; median of `repeats`
     after one warm-up (which compiles ours' decode step under --compile). Two models: a frozen one (as `rlhf pairs` and `rlhf eval` load it) and a trainable one
     (as PPO's policy, and TRL's, is)."""
-    from rlhf.models import autocast, load_causal_lm
+    from rlhf.models import load_causal_lm
+    from rlhf.hardware import autocast
     from rlhf.rollout import sample
     from rlhf.data import pad_left
 

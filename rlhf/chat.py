@@ -21,7 +21,8 @@ def main(config: Config) -> dict:
     from transformers import TextStreamer
 
     from rlhf.data import encode_prompt
-    from rlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from rlhf.hardware import pick_device
 
     device = pick_device(config.device)
     path = resolve_model_path(config.model)

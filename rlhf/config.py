@@ -42,6 +42,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) > 1:  # bool | Literal["auto"]: say every accepted form
+            accepted = " or ".join(e.split(": expected ", 1)[1].split(", got ")[0] for e in errors if ": expected " in e)
+            raise ConfigError(f"{where}: expected {accepted}, got {value!r}")
         raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
     if origin is list:
         (item_type,) = typing.get_args(annotation) or (Any,)
@@ -54,6 +57,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is Any:
         return value
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if isinstance(value, str) and value in choices:
+            return value
+        raise ConfigError(f"{where}: expected {' or '.join(map(str, choices))}, got {value!r}")
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -40,7 +40,8 @@ from rlhf.data import (DataError, Messages, parse_prompt, prompt_for_output, rea
 from rlhf.evaluate import bootstrap_ci, is_refusal
 from rlhf.judges import JUDGE_SPECS, Comparison, make_judge, position_bias, preference_rows
 from rlhf.label import judge_all
-from rlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.rollout import sample
 from rlhf.tracking import say, seed_everything, table
 
@@ -133,11 +134,12 @@ def clean_revision(text: str) -> str:
 class Answerer:
     """A causal LM answering batches of conversations with fixed sampling settings."""
 
-    def __init__(self, model: str, device: str, bf16: bool, max_new_tokens: int, temperature: float, batch_size: int):
+    def __init__(self, model: str, device: str, bf16: Precision, max_new_tokens: int, temperature: float, batch_size: int):
         self.path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.path)
         self.model = load_causal_lm(self.path, pick_device(device), trainable=False)
-        self.bf16, self.max_new_tokens, self.temperature, self.batch_size = bf16, max_new_tokens, temperature, batch_size
+        self.bf16 = resolve_bf16(bf16, pick_device(device))
+        self.max_new_tokens, self.temperature, self.batch_size = max_new_tokens, temperature, batch_size
 
     def __call__(self, conversations: list[Messages]) -> list[str]:
         return sample(self.model, self.tokenizer, conversations, self.max_new_tokens, self.temperature,
@@ -169,7 +171,7 @@ class ReviseConfig:
     max_new_tokens: int = cfg.field(96, "longest answer, critique or revision in tokens")
     temperature: float = cfg.field(0.7, "sampling temperature")
     batch_size: int = cfg.field(64, "conversations sampled at once")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed (sampling and the choice of principles)")
 
@@ -243,7 +245,7 @@ class PrefsConfig:
     retries: int = cfg.field(3, "endpoint judge: retries after a timeout, 429, 5xx or malformed JSON, with backoff")
     concurrency: int = cfg.field(4, "endpoint judge: requests in flight at once")
     cache: str = cfg.field("", "endpoint judge: response cache file ('' = ~/.cache/rlhf/judge_cache.sqlite; none = off)")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed (sampling and the choice of principles)")
 
@@ -308,7 +310,7 @@ class EvalConfig:
     temperature: float = cfg.field(0.7, "sampling temperature (the same seed for every model)")
     batch_size: int = cfg.field(64, "prompts sampled at once")
     examples: int = cfg.field(2, "prompts shown with every model's answer (the held-out file starts with a twin pair)")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(1234, "sampling seed")
 
@@ -389,7 +391,7 @@ class Config:
     judge: str = cfg.field("", f"who labels the preferences: '' = the SFT model itself, or {JUDGE_SPECS}")
     method: str = cfg.field("dpo", "how the AI preferences train the policy: dpo, or ppo (a reward model, then PPO)")
     device: str = cfg.field("auto", "cpu, cuda or auto (every step)")
-    bf16: bool = cfg.field(True, "bf16 autocast (every step)")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false (every stage)")
     seed: int = cfg.field(0, "random seed (every step)")
     revise: dict = cfg.field({}, "settings of the revision step (see `rlhf constitutional revise --help`)")
     sft: dict = cfg.field({}, "settings of SFT on the revisions (see `rlhf sft --help`)")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.data import position_ids_from_mask
+from rlhf.hardware import packs_bf16_weights
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -90,6 +91,8 @@ def _packs_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
     batch 8 with the weights coming from memory, SmolLM2's shapes: a 3072x576 weight 303 → 180 us in bf16 (the
     same numbers bit for bit) and 624 → 381 us in fp32 (the same to rounding: ~1e-4 of a sum's order), the
     49152x576 LM head 3.9 → 2.5 ms in bf16 and 14.5 → 5.4 ms in fp32."""
+    if dtype == torch.bfloat16 and not packs_bf16_weights():  # oneDNN below AVX-512 refuses to pack bf16
+        return False
     return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 

@@ -32,8 +32,9 @@ from rlhf import config as cfg
 from rlhf import losses
 from rlhf.data import (LengthPolicy, encode_prompt, encode_response, next_batch, no_preference, pad_right, parse_preference,
                        read_records, resolve_data_path)
-from rlhf.models import (adapter_disabled, add_lora, autocast, compile_layers, count_parameters, load_causal_lm, load_tokenizer,
-                         merged_for_saving, optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
+from rlhf.models import (adapter_disabled, add_lora, compile_layers, count_parameters, load_causal_lm,
+                        load_tokenizer, merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic)
+from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.ops import logprobs_from_logits, masked_sum
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
@@ -63,7 +64,7 @@ class Config:
     precompute_reference: bool = cfg.field(False, "compute reference log-probs for every pair before training, then free the reference")
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
@@ -153,6 +154,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     loss_fn = pick_loss(config)
     seed_everything(config.seed)
     device = pick_device(config.device)
+    bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     started = time.time()
     needs_reference = config.loss != "simpo"
@@ -169,7 +171,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
         reference_path = resolve_model_path(config.reference) if config.reference else model_path
         if config.reference and load_tokenizer(reference_path).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"reference {reference_path} has another tokenizer than the model {model_path}")
-        reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=config.bf16)
+        reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=bf16)
         reference_name = str(reference_path)
     elif needs_reference:
         reference_name = f"{model_path} with the LoRA adapter off"
@@ -213,9 +215,9 @@ def training(config: Config) -> Generator[dict, None, dict]:
     #    after which the reference model is freed
     eval_ref = train_ref = None
     if needs_reference:
-        eval_ref = reference_logprobs(reference, policy, eval_pairs, pad_id, device, config.bf16, config.batch_size)
+        eval_ref = reference_logprobs(reference, policy, eval_pairs, pad_id, device, bf16, config.batch_size)
         if config.precompute_reference:
-            train_ref = reference_logprobs(reference, policy, train_pairs, pad_id, device, config.bf16, config.batch_size)
+            train_ref = reference_logprobs(reference, policy, train_pairs, pad_id, device, bf16, config.batch_size)
             freed, reference = reference is not None, None
             gc.collect()
             if device.type == "cuda":
@@ -239,8 +241,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
         if train_ref is not None:
             ref = train_ref[index].T.reshape(-1).to(device)  # (2B,): chosen then rejected
         elif needs_reference:
-            ref = reference_logprobs(reference, policy, batch, pad_id, device, config.bf16, len(batch)).T.reshape(-1).to(device)
-        logprobs, n_tokens = pair_logprobs(policy, batch, pad_id, device, config.bf16)
+            ref = reference_logprobs(reference, policy, batch, pad_id, device, bf16, len(batch)).T.reshape(-1).to(device)
+        logprobs, n_tokens = pair_logprobs(policy, batch, pad_id, device, bf16)
         loss, stats = loss_fn(logprobs, n_tokens, ref)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -259,7 +261,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     # 5. held-out pairs: the loss, implicit-reward accuracy and margin of the trained policy
     held_out = {"eval_loss": float("nan"), "eval_accuracy": float("nan"), "eval_margin": float("nan")}
     if eval_pairs:
-        lp, n = all_pair_logprobs(policy, eval_pairs, pad_id, device, config.bf16, config.batch_size)
+        lp, n = all_pair_logprobs(policy, eval_pairs, pad_id, device, bf16, config.batch_size)
         eval_loss, eval_stats = loss_fn(lp.T.reshape(-1), n.T.reshape(-1),
                                         None if eval_ref is None else eval_ref.T.reshape(-1))
         held_out = {"eval_loss": float(eval_loss), "eval_accuracy": float(eval_stats["accuracy"]),

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf import config as cfg
+from rlhf.hardware import Precision
 from rlhf.annotators import distinct_n, style_penalties, words
 from rlhf.data import Messages, encode_conversation, prompt_text, read_prompts, resolve_data_path, write_jsonl
 from rlhf.tracking import say, table
@@ -214,7 +215,7 @@ def monitor_check(model, tokenizer, prompts: list[Messages], judge: Scorer | Non
 def sequence_kl(policy, reference, rollout, temperature: float, bf16: bool, device) -> torch.Tensor:
     """Per-response KL(π‖π_ref) estimated on the policy's own samples: Σ_t log π − log π_ref (k1)."""
     from rlhf.ops import logprobs_from_logits
-    from rlhf.models import autocast
+    from rlhf.hardware import autocast
     from rlhf.rollout import forward_logits
 
     width = rollout.prompt_ids.shape[1]
@@ -255,29 +256,31 @@ class Config:
     temperature: float = cfg.field(0.7, "sampling temperature (as in training)")
     batch_size: int = cfg.field(64, "prompts sampled at once")
     examples: int = cfg.field(3, "prompts shown with every model's answer side by side")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(1234, "sampling seed (the same for every model)")
 
 
 def main(config: Config, names: dict[str, str] | None = None) -> dict:
-    from rlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+    from rlhf.hardware import pick_device, resolve_bf16
 
     if not config.models:
         raise ValueError("evaluate: name at least one model in 'models'")
     device = pick_device(config.device)
+    bf16 = resolve_bf16(config.bf16, device)
     started = time.time()
     prompts = read_prompts(resolve_data_path(config.data))
     if config.max_prompts:
         prompts = prompts[: config.max_prompts]
     questions = [prompt_text(p) for p in prompts]
     harmful = read_prompts(harmful_prompts_path(config.harmful_prompts)) if config.harmful_prompts not in ("", "none") else []
-    judge = load_judge(config.judge, device, config.bf16)
-    reward = load_reward_scorer(config.reward_model, device, config.bf16) if config.reward_model else None
+    judge = load_judge(config.judge, device, bf16)
+    reward = load_reward_scorer(config.reward_model, device, bf16) if config.reward_model else None
     reference_path = resolve_model_path(config.reference or config.models[0])
     tokenizer = load_tokenizer(reference_path)
-    reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=config.bf16)
-    settings = (config.max_new_tokens, config.temperature, config.batch_size, config.bf16, config.seed)
+    reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=bf16)
+    settings = (config.max_new_tokens, config.temperature, config.batch_size, bf16, config.seed)
 
     # 1. every model answers every held-out prompt and every harmful request, with the same seed and settings;
     #    the judge and the reward model score the held-out answers
@@ -285,11 +288,11 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     for name in config.models:
         path = resolve_model_path(name)
         model = reference if path == reference_path else load_causal_lm(path, device, trainable=False,
-                                                                               bf16_linears=config.bf16)
+                                                                               bf16_linears=bf16)
         rollout, scores[name] = answer_and_score(model, tokenizer, prompts, judge, reward, *settings, progress=True)
         answers[name] = rollout.texts
         # 2. KL to the reference on the model's own samples; which harmful requests it declines
-        scores[name]["kl"] = sequence_kl(model, reference, rollout, config.temperature, config.bf16, device).tolist()
+        scores[name]["kl"] = sequence_kl(model, reference, rollout, config.temperature, bf16, device).tolist()
         if harmful:
             declined[name] = [(t, is_refusal(t)) for t in sample_seeded(model, tokenizer, harmful, *settings).texts]
 

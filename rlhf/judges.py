@@ -45,8 +45,9 @@ import torch
 
 from rlhf.data import (Messages, encode_conversation, encode_prompt, pad_left, position_ids_from_mask,
                        prompt_for_output, prompt_text)
-from rlhf.models import (autocast, cache_dir, load_causal_lm, load_reward_model, load_tokenizer, pick_device,
-                         resolve_model_path, score_sequences)
+from rlhf.models import (cache_dir, load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path,
+                        score_sequences)
+from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 
 DEFAULT_QUESTION = "Which response is more helpful, honest and harmless?"
 LABELS = ("A", "B")
@@ -130,12 +131,12 @@ def single_token_id(tokenizer, text: str) -> int:
 class LocalJudge:
     """Reads P("A") against P("B") at the first position of the answer; both orders, averaged."""
 
-    def __init__(self, model: str, device: str = "auto", bf16: bool = True, batch_size: int = 16,
+    def __init__(self, model: str, device: str = "auto", bf16: Precision = "auto", batch_size: int = 16,
                  max_response_tokens: int = 256):
         path = resolve_model_path(model)
         self.name = f"local:{model}"
         self.device = pick_device(device)
-        self.bf16, self.batch_size, self.max_response_tokens = bf16, batch_size, max_response_tokens
+        self.bf16, self.batch_size, self.max_response_tokens = resolve_bf16(bf16, self.device), batch_size, max_response_tokens
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, self.device, trainable=False)
         self.label_ids = [single_token_id(self.tokenizer, label) for label in LABELS]
@@ -370,11 +371,11 @@ class EndpointJudge:
 class RewardJudge:
     """p = σ(r(prompt, first) − r(prompt, second)): the reward model's own Bradley–Terry probability."""
 
-    def __init__(self, model: str, device: str = "auto", bf16: bool = True, batch_size: int = 32):
+    def __init__(self, model: str, device: str = "auto", bf16: Precision = "auto", batch_size: int = 32):
         path = resolve_model_path(model)
         self.name = f"reward:{model}"
         self.device = pick_device(device)
-        self.bf16, self.batch_size = bf16, batch_size
+        self.bf16, self.batch_size = resolve_bf16(bf16, self.device), batch_size
         self.tokenizer = load_tokenizer(path)
         self.model = load_reward_model(path, self.device, self.tokenizer, trainable=False)
 
@@ -402,7 +403,7 @@ class SimulatedJudge:
         return [Judgement(p_a) for _, p_a in choices]
 
 
-def make_judge(spec: str, device: str = "auto", bf16: bool = True, seed: int = 0, batch_size: int = 16,
+def make_judge(spec: str, device: str = "auto", bf16: Precision = "auto", seed: int = 0, batch_size: int = 16,
                api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 3, concurrency: int = 4,
                cache: str = "") -> Judge:
     """A judge from its spec string: simulated[:noise], reward:DIR, local:MODEL, openai:MODEL[@BASE_URL]."""

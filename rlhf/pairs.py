@@ -17,7 +17,8 @@ from pathlib import Path
 
 from rlhf import config as cfg
 from rlhf.data import prompt_for_output, prompt_text, read_prompts, resolve_data_path, write_jsonl
-from rlhf.models import load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.rollout import sample
 from rlhf.tracking import say, seed_everything
 
@@ -34,7 +35,7 @@ class Config:
     annotator: str = cfg.field("simulated", "who chooses: simulated, or none to write unlabelled candidates")
     annotator_noise: float = cfg.field(0.1, "label noise of the simulated annotator (Bradley–Terry temperature on the gold score)")
     batch_size: int = cfg.field(64, "prompts sampled at once")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
 
@@ -47,6 +48,7 @@ def main(config: Config) -> dict:
     seed_everything(config.seed)
     started = time.time()
     device = pick_device(config.device)
+    bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
 
     # 1. prompts and the answering model
@@ -55,13 +57,13 @@ def main(config: Config) -> dict:
         prompts = prompts[: config.max_prompts]
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, device, trainable=False, bf16_linears=config.bf16)
+    model = load_causal_lm(model_path, device, trainable=False, bf16_linears=bf16)
     say(f"[pairs] {len(prompts)} prompts × {config.n_responses} responses from {model_path}")
 
     # 2. sample every prompt n times in one batched pass
     repeated = [p for p in prompts for _ in range(config.n_responses)]
     rollout = sample(model, tokenizer, repeated, config.max_new_tokens, config.temperature,
-                     batch_size=config.batch_size, bf16=config.bf16, progress=True)
+                     batch_size=config.batch_size, bf16=bf16, progress=True)
     answers = [rollout.texts[i * config.n_responses:(i + 1) * config.n_responses] for i in range(len(prompts))]
     ended = rollout.ended.tolist()
     say(f"[pairs] {sum(ended)}/{len(ended)} responses ended within {config.max_new_tokens} tokens")

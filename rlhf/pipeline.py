@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import config as cfg
+from rlhf.hardware import Precision
 from rlhf import dpo, evaluate, pairs, ppo, reward, sft
 from rlhf.tracking import say
 
@@ -32,7 +33,7 @@ class Config:
     prompts: str = cfg.field("builtin:prompts_train", "prompts for the preference pairs and for PPO")
     eval_prompts: str = cfg.field("builtin:prompts_heldout", "held-out prompts for the final evaluation")
     device: str = cfg.field("auto", "cpu, cuda or auto (every stage)")
-    bf16: bool = cfg.field(True, "bf16 autocast (every stage)")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false (every stage)")
     seed: int = cfg.field(0, "random seed (every stage)")
     method: str = cfg.field("ppo", "the road from the pairs: ppo (reward model + PPO), dpo, or both")
     sft: dict = cfg.field({}, "settings of the SFT stage (see `rlhf sft --help`)")

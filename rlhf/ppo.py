@@ -35,9 +35,10 @@ from rlhf.data import (LengthPolicy, Messages, encode_conversation, next_batch, 
                        read_prompts, resolve_data_path, write_jsonl)
 from rlhf.evaluate import hacking_warnings, load_judge, monitor_check, reward_scorer
 from rlhf.lanes import SideBySide
-from rlhf.models import (adapter_disabled, add_lora, attention_for_width, autocast, compile_layers, count_parameters, load_causal_lm, load_reward_model,
-                         load_reward_normalisation, load_tokenizer, merged_for_saving, optimizer_and_schedule,
-                         pick_device, resolve_model_path, save_atomic, score_sequences)
+from rlhf.models import (adapter_disabled, add_lora, attention_for_width, compile_layers, count_parameters,
+                        load_causal_lm, load_reward_model, load_reward_normalisation, load_tokenizer,
+                        merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic, score_sequences)
+from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.ops import logprobs_and_entropy_from_logits, logprobs_from_logits, masked_mean, whiten
 from rlhf.rollout import Rollout, forward_logits, sample
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
@@ -91,7 +92,7 @@ class Config:
     side_by_side: bool = cfg.field(True, "CPU with critic: model: run the policy's and the critic's backward passes at once, "
                                          "each on half the cores (same gradients; faster where one model's matmuls do not "
                                          "fill the cores)")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (and, with "
                                      "compile_decode, the rollout's decode step as one graph): faster steps after a "
                                      "one-off compile; needs a C++ compiler")
@@ -163,6 +164,7 @@ def training(config: Config) -> Iterator[dict]:
         raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size ({config.mini_batch_size})")
     seed_everything(config.seed)
     device = pick_device(config.device)
+    bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     started = time.time()
 
@@ -174,12 +176,12 @@ def training(config: Config) -> Iterator[dict]:
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
         reference = None  # the same weights with the adapter switched off
     else:
-        reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=config.bf16)
+        reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=bf16)
     hidden_size = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") else policy.config.hidden_size
     reward_path = resolve_model_path(config.reward_model)
     reward_tokenizer = load_tokenizer(reward_path)
     reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False,
-                                     bf16_linears=config.bf16)
+                                     bf16_linears=bf16)
     critic_model = value_head = None
     if config.critic == "model":  # a fourth model: a trainable copy of the reward model
         critic_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)
@@ -222,8 +224,8 @@ def training(config: Config) -> Iterator[dict]:
             fitted = fit.fit_prompt_messages(tokenizer, messages)
             if fitted is not None:
                 monitor_prompts.append(fitted)
-        judge = load_judge(config.monitor_judge, device, config.bf16, annotator=gold)
-        monitor_reward = reward_scorer(reward_model, reward_tokenizer, device, config.bf16)
+        judge = load_judge(config.monitor_judge, device, bf16, annotator=gold)
+        monitor_reward = reward_scorer(reward_model, reward_tokenizer, device, bf16)
         say(f"[ppo] monitor: {len(monitor_prompts)} held-out prompts every {config.monitor_every} steps, judge '{config.monitor_judge}'")
     checks: list[dict] = []
     monitor_samples: list[dict] = []
@@ -254,7 +256,7 @@ def training(config: Config) -> Iterator[dict]:
 
         # 1. rollout
         rollout = sample(policy, tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
-                         batch_size=config.generation_batch_size, bf16=config.bf16,
+                         batch_size=config.generation_batch_size, bf16=bf16,
                          compiled=config.compile and config.compile_decode)
         rollout = Rollout(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in (
             rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.ended, rollout.texts)))
@@ -263,25 +265,25 @@ def training(config: Config) -> Iterator[dict]:
 
         # 2. score: the reward model reads the chat as its template writes it; normalise; penalise no EOS
         conversations = [encode_conversation(reward_tokenizer, p, t) for p, t in zip(batch_prompts, rollout.texts)]
-        raw_scores = score_sequences(reward_model, conversations, reward_model.config.pad_token_id, device, config.bf16).to(device)
+        raw_scores = score_sequences(reward_model, conversations, reward_model.config.pad_token_id, device, bf16).to(device)
         scores = (raw_scores - reward_mean) / reward_std
         scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
 
         # 3. KL-shaped reward: old logprobs and values from the policy, ref logprobs from the reference
         with torch.set_grad_enabled(single_update):
             logprobs_now, values_now, entropy = response_logprobs_values(
-                policy, value_head, rollout, config.temperature, config.bf16, device, want_entropy=True)
+                policy, value_head, rollout, config.temperature, bf16, device, want_entropy=True)
             if critic_model is not None:
-                values_now = critic_values(critic_model, rollout, config.bf16, device)
+                values_now = critic_values(critic_model, rollout, bf16, device)
         old_logprobs, old_values = logprobs_now.detach(), values_now.detach()
         with torch.no_grad():
             if reference is None:
                 with adapter_disabled(policy):
                     ref_logprobs, _, _ = response_logprobs_values(policy, value_head, rollout, config.temperature,
-                                                                  config.bf16, device, want_values=False)
+                                                                  bf16, device, want_values=False)
             else:
                 ref_logprobs, _, _ = response_logprobs_values(reference, value_head, rollout, config.temperature,
-                                                              config.bf16, device, want_values=False)
+                                                              bf16, device, want_values=False)
         kl = losses.kl_k1(old_logprobs, ref_logprobs) if config.kl_estimator == "k1" else losses.kl_k3(old_logprobs, ref_logprobs)
         kl = kl * mask
         rewards, reward_stats = losses.kl_shaped_rewards(scores, kl, mask, beta)
@@ -301,9 +303,9 @@ def training(config: Config) -> Iterator[dict]:
                     logprobs, values = logprobs_now[index], values_now[index]
                 else:
                     logprobs, values, _ = response_logprobs_values(policy, value_head, part, config.temperature,
-                                                                   config.bf16, device)
+                                                                   bf16, device)
                     if critic_model is not None:
-                        values = critic_values(critic_model, part, config.bf16, device)
+                        values = critic_values(critic_model, part, bf16, device)
                 pg_loss, pg_stats = losses.ppo_policy_loss(logprobs, old_logprobs[index], advantages[index],
                                                            part.response_mask, config.clip)
                 vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[index], returns[index],
@@ -348,7 +350,7 @@ def training(config: Config) -> Iterator[dict]:
         #    sampling runs in a forked RNG, so training goes exactly as with the monitor off.
         if monitor_prompts and (step % config.monitor_every == 0 or step == config.steps - 1):
             check, shown = monitor_check(policy, tokenizer, monitor_prompts, judge, monitor_reward, config.max_new_tokens,
-                                         config.temperature, config.generation_batch_size, config.bf16, config.seed)
+                                         config.temperature, config.generation_batch_size, bf16, config.seed)
             checks.append(check)
             alarms = hacking_warnings(checks, config.monitor_window, config.monitor_length_drift, config.monitor_distinct_drift)
             for alarm in alarms:

@@ -25,8 +25,9 @@ from rlhf import config as cfg
 from rlhf.data import (LengthPolicy, encode_conversation, next_batch, no_preference, pad_right, parse_preference, read_records,
                        resolve_data_path)
 from rlhf.losses import bradley_terry_loss
-from rlhf.models import (autocast, compile_layers, load_reward_model, load_tokenizer, optimizer_and_schedule, pick_device,
-                         resolve_model_path, save_atomic, score_sequences)
+from rlhf.models import (compile_layers, load_reward_model, load_tokenizer, optimizer_and_schedule,
+                        resolve_model_path, save_atomic, score_sequences)
+from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
@@ -44,7 +45,7 @@ class Config:
     margin_field: str = cfg.field("", "a numeric field of each pair used as the BT margin ('' = no margin)")
     max_length: int = cfg.field(256, "longest prompt+response in tokens")
     truncation: str = cfg.field("truncate", "longer pairs: truncate or skip")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
@@ -112,6 +113,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     """
     seed_everything(config.seed)
     device = pick_device(config.device)
+    bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     started = time.time()
 
@@ -164,7 +166,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     bar = tqdm(range(steps), desc="reward", unit="step")
     for step in bar:
         batch = [train_pairs[i] for i in next_batch(order, len(train_pairs), config.batch_size, rng)]
-        with autocast(device, config.bf16):
+        with autocast(device, bf16):
             chosen_scores, rejected_scores = pair_scores(model, [(c, r) for c, r, _ in batch], pad_id, device)
         margin = torch.tensor([m for _, _, m in batch], device=device) if config.margin_field else None
         loss, stats = bradley_terry_loss(chosen_scores, rejected_scores, margin)
@@ -181,12 +183,12 @@ def training(config: Config) -> Generator[dict, None, dict]:
     def pairwise_accuracy(subset):
         if not subset:
             return float("nan")
-        s = score_sequences(model, [c for c, _, _ in subset] + [r for _, r, _ in subset], pad_id, device, config.bf16)
+        s = score_sequences(model, [c for c, _, _ in subset] + [r for _, r, _ in subset], pad_id, device, bf16)
         return (s[: len(subset)] > s[len(subset):]).float().mean().item()
 
     eval_accuracy = pairwise_accuracy(eval_pairs)
     reference_scores = score_sequences(model, [c for c, _, _ in train_pairs] + [r for _, r, _ in train_pairs], pad_id,
-                                       device, config.bf16)
+                                       device, bf16)
     train_accuracy = (reference_scores[: len(train_pairs)] > reference_scores[len(train_pairs):]).float().mean().item()
     norm = {"mean": reference_scores.mean().item(), "std": max(reference_scores.std().item(), 1e-6),
             "n": len(reference_scores), "note": "scores of the pairs' responses (reference-policy samples)"}

@@ -14,7 +14,7 @@ import torch
 
 from rlhf.data import Messages, encode_prompt, pad_left, position_ids_from_mask
 from rlhf.decoder import LayerStackDecoder, ModelWithCache, covers
-from rlhf.models import autocast
+from rlhf.hardware import autocast
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch
 
 from rlhf import config as cfg
 from rlhf.data import Messages, encode_prompt
-from rlhf.models import autocast, load_causal_lm, load_tokenizer, pick_device, resolve_model_path
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.tracking import say
 
 POSITIONAL = "model"  # `rlhf serve MODEL_DIR` is `rlhf serve --model MODEL_DIR`
@@ -43,7 +44,7 @@ class Config:
     max_new_tokens: int = cfg.field(512, "longest answer, and the default when a request names none")
     api_key_env: str = cfg.field("", "an environment variable holding the key clients must send ('' = no key)")
     threads: int = cfg.field(4, "worker threads (generation itself runs one request at a time)")
-    bf16: bool = cfg.field(False, "bf16 autocast (faster on CPU; log-probabilities less exact)")
+    bf16: Precision = cfg.field(False, "bf16 autocast: true, false or auto (on where bf16 is native; log-probabilities less exact)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
 
 
@@ -337,7 +338,7 @@ def main(config: Config) -> dict:
         raise ValueError(f"--api_key_env names '{config.api_key_env}', which is not set in the environment")
 
     # 2. serve until Ctrl-C
-    app = create_app(Generator(model, tokenizer, config.bf16), name, api_key, config.max_new_tokens)
+    app = create_app(Generator(model, tokenizer, resolve_bf16(config.bf16, device)), name, api_key, config.max_new_tokens)
     server = create_server(app, host=config.host, port=config.port, threads=config.threads, ident="rlhf-serve")
     url = f"http://{server.effective_host}:{server.effective_port}/v1"
     say(f"[serve] {path} as '{name}' at {url} (chat completions, streaming, logprobs); Ctrl-C stops")

@@ -22,8 +22,9 @@ import torch
 from rlhf import config as cfg
 from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, pad_right, read_demonstrations, resolve_data_path
 from rlhf.losses import sft_loss
-from rlhf.models import (add_lora, autocast, compile_layers, count_parameters, load_causal_lm, load_tokenizer, merged_for_saving,
-                         optimizer_and_schedule, pick_device, resolve_model_path, save_atomic)
+from rlhf.models import (add_lora, compile_layers, count_parameters, load_causal_lm, load_tokenizer,
+                        merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic)
+from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.ops import logprobs_from_logits
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
@@ -42,7 +43,7 @@ class Config:
     truncation: str = cfg.field("truncate", "what to do with longer examples: truncate or skip")
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights)")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
-    bf16: bool = cfg.field(True, "bf16 autocast (CPU and CUDA)")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
@@ -63,6 +64,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     """
     seed_everything(config.seed)
     device = pick_device(config.device)
+    bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     started = time.time()
 
@@ -111,7 +113,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
         # which the loss ignores, and the LM head (vocabulary-wide) is a large share of the step
         start = max(0, min(len(p) for p, _ in batch) - 1)
         ids, attention, response_mask = ids.to(device), attention.to(device), response_mask.to(device)
-        with autocast(device, config.bf16):
+        with autocast(device, bf16):
             # logits[:, j] sits at position start + j and predicts token start + j + 1
             logits = model(input_ids=ids, attention_mask=attention, use_cache=False,
                            logits_to_keep=ids.shape[1] - start).logits

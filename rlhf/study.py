@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
+from rlhf.hardware import Precision
 from rlhf import evaluate, ppo
 from rlhf.report import figure_png, new_figure, read_jsonl, last_run
 from rlhf.tracking import say, table
@@ -47,7 +48,7 @@ class Config:
     max_prompts: int = cfg.field(64, "held-out prompts evaluated (0 = all)")
     eval: dict = cfg.field({}, "any other evaluation settings (see `rlhf eval --help`)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
-    bf16: bool = cfg.field(True, "bf16 autocast")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     seed: int = cfg.field(0, "random seed (the same for every β: the runs differ only in β)")
 
 

@@ -7,7 +7,8 @@ import torch
 
 from rlhf import ops, ppo, sft
 from rlhf.data import position_ids_from_mask
-from rlhf.models import attention_for_width, autocast, compile_layers, load_causal_lm, load_tokenizer
+from rlhf.models import attention_for_width, compile_layers, load_causal_lm, load_tokenizer
+from rlhf.hardware import autocast
 from rlhf.rollout import decode
 
 from test_stages import DEMOS, PROMPTS, weights, changed  # noqa: F401  (fixtures and data shared with the stage tests)

@@ -7,7 +7,8 @@ import torch
 from rlhf.data import position_ids_from_mask
 from rlhf import decoder
 from rlhf.decoder import LayerStackDecoder, covers
-from rlhf.models import autocast, linears_to_bf16
+from rlhf.models import linears_to_bf16
+from rlhf.hardware import autocast
 from rlhf.rollout import decode
 
 CPU = torch.device("cpu")

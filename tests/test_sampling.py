@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rlhf.data import encode_prompt, pad_left
-from rlhf.models import attention_for_width, autocast, linears_to_bf16, load_causal_lm, load_tokenizer
+from rlhf.models import attention_for_width, linears_to_bf16, load_causal_lm, load_tokenizer
+from rlhf.hardware import autocast
 from rlhf.rollout import decode, draw_tokens, next_token
 
 PROMPTS = [[{"role": "user", "content": "hi"}],
