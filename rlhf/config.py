@@ -57,6 +57,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if annotation is Any:
         return value
+    if dataclasses.is_dataclass(annotation):  # a shared piece of settings, e.g. `endpoint: {timeout: 30}`
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of its keys ({', '.join(_field_types(annotation))}), got {value!r}")
+        return build(annotation, value, where)
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
         if isinstance(value, str) and value in choices:
@@ -179,18 +185,28 @@ def save(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def describe(cls: type) -> str:
-    """One line per field: name, default and the field's doc (from `metadata['help']`)."""
-    lines = []
+def _keys(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(key, doc, default) of every field; a nested settings dataclass gives its own keys as `name.key`."""
+    keys = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        lines.append(f"  --{f.name:<24} {f.metadata.get('help', '')} (default: {default})")
-    return "\n".join(lines)
+        if dataclasses.is_dataclass(default):
+            keys += _keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append((prefix + f.name, f.metadata.get("help", ""), default))
+    return keys
+
+
+def describe(cls: type) -> str:
+    """One line per key: name, default and the field's doc (from `metadata['help']`)."""
+    return "\n".join(f"  --{name:<24} {doc} (default: {default})" for name, doc, default in _keys(cls))
 
 
 def field(default: Any, help: str) -> Any:
     """A dataclass field with a one-line doc that `rlhf <stage> --help` prints."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help})
+    if dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})

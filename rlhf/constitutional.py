@@ -24,6 +24,7 @@ and judge. A stronger judge is one line: `judge: local:DIR` or `judge: openai:MO
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -34,11 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import config as cfg
-from rlhf import dpo, ppo, reward, sft
+from rlhf import dpo, ppo, reward, sft, wiring
 from rlhf.data import (DataError, Messages, parse_prompt, prompt_for_output, read_prompts, read_records,
                        resolve_data_path, write_jsonl)
-from rlhf.evaluate import bootstrap_ci, is_refusal
-from rlhf.judges import JUDGE_SPECS, Comparison, make_judge, position_bias, preference_rows
+from rlhf.metrics import bootstrap_ci, is_refusal
+from rlhf.judges import EndpointSettings, JUDGE_SPECS, Comparison, make_judge, position_bias, preference_rows
 from rlhf.label import judge_all
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.hardware import Precision, pick_device, resolve_bf16
@@ -240,11 +241,7 @@ class PrefsConfig:
     max_new_tokens: int = cfg.field(96, "longest answer in tokens")
     temperature: float = cfg.field(1.0, "sampling temperature (different answers make informative pairs)")
     batch_size: int = cfg.field(64, "prompts sampled at once")
-    api_key_env: str = cfg.field("OPENAI_API_KEY", "endpoint judge: the environment variable that holds the API key")
-    timeout: float = cfg.field(60.0, "endpoint judge: seconds to wait for an answer before retrying")
-    retries: int = cfg.field(3, "endpoint judge: retries after a timeout, 429, 5xx or malformed JSON, with backoff")
-    concurrency: int = cfg.field(4, "endpoint judge: requests in flight at once")
-    cache: str = cfg.field("", "endpoint judge: response cache file ('' = ~/.cache/rlhf/judge_cache.sqlite; none = off)")
+    endpoint: EndpointSettings = cfg.field(EndpointSettings(), "how an endpoint judge talks to its server")
     bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed (sampling and the choice of principles)")
@@ -276,8 +273,7 @@ def prefs(config: PrefsConfig) -> dict:
 
     # 3. the judge: P(first is better) under that principle, or no label and why
     judge = make_judge(config.judge or f"local:{config.model}", device=config.device, bf16=config.bf16,
-                       seed=config.seed, api_key_env=config.api_key_env, timeout=config.timeout,
-                       retries=config.retries, concurrency=config.concurrency, cache=config.cache)
+                       seed=config.seed, endpoint=config.endpoint)
     say(f"[prefs] {len(comparisons)} pairs from {len(prompts)} prompts ({identical} identical skipped); judge {judge.name}")
     judgements = judge_all(judge, comparisons)
 
@@ -409,7 +405,7 @@ def stage_configs(config: Config) -> dict[str, Any]:
     run = Path(config.output_dir)
     sft_dir, pairs = str(run / "sft"), str(run / "prefs" / "pairs.jsonl")
     shared = {"device": config.device, "bf16": config.bf16, "seed": config.seed}
-    steps = {  # name: (config class, defaults the section may change, wiring it may not)
+    steps = {  # name: (config class, the road's defaults for it, the wiring)
         "revise": (ReviseConfig, {}, {"model": config.model, "data": config.prompts,
                                       "constitution": config.constitution, "output_dir": str(run / "revise")}),
         "sft": (sft.Config, {}, {"model": config.model, "data": str(run / "revise" / "demonstrations.jsonl"),
@@ -423,15 +419,9 @@ def stage_configs(config: Config) -> dict[str, Any]:
         "eval": (EvalConfig, {}, {"models": [config.model, sft_dir, str(run / config.method)],
                                   "data": config.eval_prompts, "output_dir": str(run / "eval")}),
     }
-    built = {}
-    for name, (cls, defaults, wiring) in steps.items():
-        section = getattr(config, name)
-        clash = sorted(set(wiring) & set(section))
-        if clash:
-            raise cfg.ConfigError(f"constitutional: '{name}.{clash[0]}' is set by the road itself (from output_dir, "
-                                  "model, prompts, eval_prompts, constitution or judge); set those at the top level")
-        built[name] = cfg.build(cls, {**shared, **defaults, **section, **wiring}, where=f"constitutional section '{name}'")
-    return built
+    return {name: wiring.stage_config(cls, name, section=getattr(config, name), wiring=wired, shared=shared,
+                                      defaults=defaults, road="constitutional road")
+            for name, (cls, defaults, wired) in steps.items()}
 
 
 def main(config: Config) -> dict:
@@ -439,28 +429,23 @@ def main(config: Config) -> dict:
     configs = stage_configs(config)
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(config, run / "config.yaml")
-    results: dict[str, Any] = {}
-
-    # 1. supervised stage: the starting model critiques and revises its own answers → demonstrations
-    results["revise"] = revise(configs["revise"])
-
-    # 2. SFT on the revised answers
-    results["sft"] = sft.main(configs["sft"])
-
-    # 3. AI preferences: the SFT model answers twice, a principle-conditioned judge chooses
-    results["prefs"] = prefs(configs["prefs"])
-
-    # 4. train on the preferences: DPO, or a reward model and PPO against it
-    if config.method == "dpo":
-        results["dpo"] = dpo.main(configs["dpo"])
-    else:
-        results["reward"] = reward.main(configs["reward"])
-        results["ppo"] = ppo.main(configs["ppo"])
-
-    # 5. held-out refusals and helpfulness: the starting model (before), after SFT, after DPO/PPO
     names = {config.model: "before", str(run / "sft"): "SFT on revisions",
              str(run / config.method): f"{config.method.upper()} on AI preferences"}
-    results["eval"] = evaluate_safety(configs["eval"], names)
+    train = {"dpo": (dpo.main, configs["dpo"])} if config.method == "dpo" else {
+        "reward": (reward.main, configs["reward"]), "ppo": (ppo.main, configs["ppo"])}
+    steps = {
+        # 1. supervised stage: the starting model critiques and revises its own answers → demonstrations
+        "revise": (revise, configs["revise"]),
+        # 2. SFT on the revised answers
+        "sft": (sft.main, configs["sft"]),
+        # 3. AI preferences: the SFT model answers twice, a principle-conditioned judge chooses
+        "prefs": (prefs, configs["prefs"]),
+        # 4. train on the preferences: DPO, or a reward model and PPO against it
+        **train,
+        # 5. held-out refusals and helpfulness: the starting model (before), after SFT, after DPO/PPO
+        "eval": (functools.partial(evaluate_safety, names=names), configs["eval"]),
+    }
+    results, _ = wiring.run_road(steps, run / "stages", road="constitutional")
     (run / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 

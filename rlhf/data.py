@@ -178,6 +178,20 @@ def no_preference(chosen: str, rejected: str) -> str | None:
     return None
 
 
+def read_usable_preferences(path: str | Path) -> tuple[list[tuple[Record, Messages, str, str]], dict[str, int]]:
+    """Every preference record of a file → ([(record, prompt, chosen, rejected)], skipped): a pair with an empty
+    or identical answer carries no preference, and is skipped and counted by reason in `skipped`."""
+    pairs, skipped = [], {"empty": 0, "identical": 0}
+    for record in read_records(path):
+        prompt, chosen, rejected = parse_preference(record)
+        reason = no_preference(chosen, rejected)
+        if reason:
+            skipped[reason] += 1
+        else:
+            pairs.append((record, prompt, chosen, rejected))
+    return pairs, skipped
+
+
 def read_prompts(path: str | Path) -> list[Messages]:
     return [parse_prompt(r) for r in read_records(path)]
 
@@ -283,13 +297,23 @@ class LengthPolicy:
         return fitted
 
     def fit(self, ids: list[int]) -> list[int] | None:
+        """A whole conversation that a reward model scores at its last token: cut from the left, so the answer's
+        end (where the score is read) stays and two answers to one prompt never become the same tokens."""
         if len(ids) <= self.max_length:
             return ids
         if self.mode == "skip":
             self.skipped += 1
             return None
         self.truncated += 1
-        return ids[: self.max_length]
+        return ids[-self.max_length:]
+
+
+def fit_prompts(tokenizer, prompts: list[Messages], max_length: int, truncation: str) -> tuple[list[Messages], LengthPolicy]:
+    """Prompts fitted for generation at `max_length` tokens (cut from the left or skipped, by `truncation`) → (the
+    prompts kept, the LengthPolicy that counted what it truncated and skipped)."""
+    lengths = LengthPolicy(max_length, truncation)
+    fitted = [lengths.fit_prompt_messages(tokenizer, messages) for messages in prompts]
+    return [m for m in fitted if m is not None], lengths
 
 
 def next_batch(order: list[int], size: int, batch_size: int, rng) -> list[int]:
@@ -345,11 +369,12 @@ def resolve_data_path(name: str) -> Path:
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
         files = {
-            "demonstrations": "demonstrations.jsonl",
-            "prompts_train": "prompts_train.jsonl",
-            "prompts_heldout": "prompts_heldout.jsonl",
+            "demonstrations": builtin_task_dir() / "demonstrations.jsonl",
+            "prompts_train": builtin_task_dir() / "prompts_train.jsonl",
+            "prompts_heldout": builtin_task_dir() / "prompts_heldout.jsonl",
+            "harmful_prompts": builtin_task_dir().parent / "harmful_prompts.jsonl",
         }
         if key not in files:
             raise DataError(f"unknown built-in data '{name}'; known: {', '.join('builtin:' + k for k in files)}")
-        return builtin_task_dir() / files[key]
+        return files[key]
     return Path(name)

@@ -29,13 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import config as cfg
+from rlhf import fast
 from rlhf import losses
-from rlhf.data import (LengthPolicy, encode_prompt, encode_response, next_batch, no_preference, pad_right, parse_preference,
-                       read_records, resolve_data_path)
-from rlhf.models import (adapter_disabled, add_lora, compile_layers, count_parameters, load_causal_lm,
+from rlhf.data import (read_usable_preferences, LengthPolicy, encode_prompt, encode_response, next_batch, resolve_data_path)
+from rlhf.models import (adapter_disabled, answer_logprobs, add_lora, count_parameters, load_causal_lm,
                         load_tokenizer, merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic)
-from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
-from rlhf.ops import logprobs_from_logits, masked_sum
+from rlhf.hardware import Precision, pick_device, resolve_bf16
+from rlhf.ops import masked_sum
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 Pair = tuple[list[int], list[int], list[int]]  # prompt ids, chosen ids, rejected ids
@@ -79,18 +79,7 @@ def pair_logprobs(model, batch: list[Pair], pad_id: int, device: torch.device, b
     before it predict prompt tokens, which nothing scores, and the LM head is a large share of the cost.
     """
     sequences = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
-    ids, attention = pad_right([p + r for p, r in sequences], pad_id)
-    answer = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, r) in enumerate(sequences):
-        answer[i, len(p):len(p) + len(r)] = True
-    start = max(0, min(len(p) for p, _ in sequences) - 1)
-    ids, attention, answer = ids.to(device), attention.to(device), answer.to(device)
-    with autocast(device, bf16):
-        # logits[:, j] sits at position start + j and predicts token start + j + 1
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False,
-                       logits_to_keep=ids.shape[1] - start).logits
-    logprobs = logprobs_from_logits(logits[:, :-1], ids[:, start + 1:])
-    mask = answer[:, start + 1:]
+    logprobs, mask = answer_logprobs(model, sequences, pad_id, device, bf16)
     return masked_sum(logprobs, mask, dim=1), mask.sum(1)
 
 
@@ -176,7 +165,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     elif needs_reference:
         reference_name = f"{model_path} with the LoRA adapter off"
     if config.compile:
-        compile_layers(policy, reference)
+        fast.compile_layers(policy, reference)
     trainable, total = count_parameters(policy)
     say(f"[dpo] {config.loss}: policy {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), "
         f"reference {reference_name}, on {device}")
@@ -184,13 +173,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
     # 2. pairs → (prompt ids, chosen ids + EOS, rejected ids + EOS); identical or empty answers are skipped
     lengths = LengthPolicy(config.max_length, config.truncation)
     pairs: list[Pair] = []
-    skipped = {"empty": 0, "identical": 0}
-    for record in read_records(resolve_data_path(config.data)):
-        prompt, chosen, rejected = parse_preference(record)
-        reason = no_preference(chosen, rejected)
-        if reason:
-            skipped[reason] += 1
-            continue
+    usable, skipped = read_usable_preferences(resolve_data_path(config.data))
+    for _, prompt, chosen, rejected in usable:
         chosen_ids, rejected_ids = encode_response(tokenizer, chosen), encode_response(tokenizer, rejected)
         # one prompt for both answers: fit it against the longer one, then cut both to the room left
         fitted = lengths.fit_prompt_response(encode_prompt(tokenizer, prompt), max(chosen_ids, rejected_ids, key=len))

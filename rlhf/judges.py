@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import torch
 
+from rlhf import config as cfg
 from rlhf.data import (Messages, encode_conversation, encode_prompt, pad_left, position_ids_from_mask,
                        prompt_for_output, prompt_text)
 from rlhf.models import (cache_dir, load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path,
@@ -53,6 +54,17 @@ DEFAULT_QUESTION = "Which response is more helpful, honest and harmless?"
 LABELS = ("A", "B")
 OPENAI_URL = "https://api.openai.com/v1"
 JUDGE_SPECS = "simulated[:noise], reward:DIR, local:MODEL, or openai:MODEL[@BASE_URL]"
+
+
+@dataclass
+class EndpointSettings:
+    """How an endpoint judge (openai:MODEL[@URL]) talks to its server: `endpoint` in `rlhf label` and in
+    `rlhf constitutional prefs` (`--endpoint.timeout 30`)."""
+    api_key_env: str = cfg.field("OPENAI_API_KEY", "the environment variable that holds the API key")
+    timeout: float = cfg.field(60.0, "seconds to wait for an answer before retrying")
+    retries: int = cfg.field(3, "retries after a timeout, 429, 5xx or malformed JSON, with backoff")
+    concurrency: int = cfg.field(4, "requests in flight at once")
+    cache: str = cfg.field("", "response cache file ('' = ~/.cache/rlhf/judge_cache.sqlite; none = off)")
 
 
 @dataclass
@@ -266,7 +278,7 @@ class EndpointJudge:
         self.api_key = os.environ.get(api_key_env, "") if api_key_env else ""
         if not self.api_key and not is_loopback(base_url):
             raise ValueError(f"the judge endpoint {base_url} needs an API key in the environment variable "
-                             f"'{api_key_env}' (set it, or name another with --api_key_env)")
+                             f"'{api_key_env}' (set it, or name another with --endpoint.api_key_env)")
         self.cache = None if cache == "none" else ResponseCache(cache or cache_dir() / "judge_cache.sqlite")
         # a proxy from the environment must never see requests meant for this machine
         self.opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if is_loopback(base_url) else []))
@@ -404,8 +416,7 @@ class SimulatedJudge:
 
 
 def make_judge(spec: str, device: str = "auto", bf16: Precision = "auto", seed: int = 0, batch_size: int = 16,
-               api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, retries: int = 3, concurrency: int = 4,
-               cache: str = "") -> Judge:
+               endpoint: EndpointSettings | None = None) -> Judge:
     """A judge from its spec string: simulated[:noise], reward:DIR, local:MODEL, openai:MODEL[@BASE_URL]."""
     kind, _, rest = spec.partition(":")
     if kind == "simulated":
@@ -416,7 +427,8 @@ def make_judge(spec: str, device: str = "auto", bf16: Precision = "auto", seed: 
         return LocalJudge(rest, device, bf16, batch_size)
     if kind == "openai" and rest:
         model, _, base_url = rest.partition("@")
-        return EndpointJudge(model, base_url or OPENAI_URL, api_key_env, timeout, retries, concurrency, cache)
+        e = endpoint or EndpointSettings()
+        return EndpointJudge(model, base_url or OPENAI_URL, e.api_key_env, e.timeout, e.retries, e.concurrency, e.cache)
     raise ValueError(f"unknown judge '{spec}'; use {JUDGE_SPECS}")
 
 

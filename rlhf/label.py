@@ -25,8 +25,8 @@ from rlhf.hardware import Precision
 from rlhf.annotate.candidates import check_responses, pair_key
 from rlhf.data import (DataError, FORMATS, no_preference, parse_preference, parse_prompt, prompt_for_output,
                        read_preferences, read_records, resolve_data_path, write_jsonl)
-from rlhf.evaluate import bootstrap_ci
-from rlhf.judges import (DEFAULT_QUESTION, JUDGE_SPECS, Comparison, Judge, Judgement, make_judge, position_bias,
+from rlhf.metrics import bootstrap_ci
+from rlhf.judges import (EndpointSettings, DEFAULT_QUESTION, JUDGE_SPECS, Comparison, Judge, Judgement, make_judge, position_bias,
                          preference_rows)
 from rlhf.tracking import say, seed_everything
 
@@ -41,11 +41,7 @@ class Config:
     question: str = cfg.field(DEFAULT_QUESTION, "what the judge is asked about the two responses")
     max_pairs: int = cfg.field(0, "label only the first N pairs (0 = all)")
     batch_size: int = cfg.field(16, "sequences per forward pass of a local or reward-model judge")
-    api_key_env: str = cfg.field("OPENAI_API_KEY", "endpoint judge: the environment variable that holds the API key")
-    timeout: float = cfg.field(60.0, "endpoint judge: seconds to wait for an answer before retrying")
-    retries: int = cfg.field(3, "endpoint judge: retries after a timeout, 429, 5xx or malformed JSON, with backoff")
-    concurrency: int = cfg.field(4, "endpoint judge: requests in flight at once")
-    cache: str = cfg.field("", "endpoint judge: response cache file ('' = ~/.cache/rlhf/judge_cache.sqlite; none = off)")
+    endpoint: EndpointSettings = cfg.field(EndpointSettings(), "how an endpoint judge talks to its server")
     bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false (judges)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
@@ -107,8 +103,7 @@ def main(config: Config) -> dict:
     if config.max_pairs:
         comparisons = comparisons[: config.max_pairs]
     judge = make_judge(config.judge, device=config.device, bf16=config.bf16, seed=config.seed,
-                       batch_size=config.batch_size, api_key_env=config.api_key_env, timeout=config.timeout,
-                       retries=config.retries, concurrency=config.concurrency, cache=config.cache)
+                       batch_size=config.batch_size, endpoint=config.endpoint)
     say(f"[label] {len(comparisons)} pairs from {config.data} for the judge {judge.name} "
         f"(skipped {skipped['identical']} identical, {skipped['empty']} with an empty response)")
 

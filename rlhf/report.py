@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf import config as cfg
-from rlhf.evaluate import describe_result, result_rows
-from rlhf.tracking import say
+from rlhf.plots import figure_png, new_figure
+from rlhf.results import describe_result, result_rows
+from rlhf.tracking import last_run, read_jsonl, say
 
 POSITIONAL = "run_dir"  # `rlhf report RUN_DIR` reads as `rlhf report --run_dir RUN_DIR`
 STAGE_ORDER = ["sft", "reward", "ppo", "dpo"]  # the stages we know come first; any other log after them
@@ -44,19 +45,6 @@ class Config:
 # --- reading the run folder ----------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def last_run(rows: list[dict]) -> tuple[list[dict], int]:
-    """A metrics log is appended to by every run of its stage: keep the last run (where the step last went back)
-    → (its rows, how many runs the log holds)."""
-    starts = [0] + [i for i in range(1, len(rows)) if rows[i].get("step", 0) <= rows[i - 1].get("step", 0)]
-    return rows[starts[-1]:], len(starts)
-
-
 def stage_logs(run: Path) -> dict[str, tuple[list[dict], int]]:
     """Every `<stage>_logs/metrics.jsonl` below the run folder: the known stages in pipeline order, then the rest."""
     found = {p.parent.name[: -len("_logs")]: p for p in run.glob("*_logs/metrics.jsonl")}
@@ -73,25 +61,6 @@ def short_name(model: str, run: Path) -> str:
 
 
 # --- pictures ------------------------------------------------------------------------------------
-
-
-def new_figure(panels: int, columns: int = 4, size: tuple[float, float] = (3.4, 2.4)):
-    """A matplotlib Figure with a grid of `panels` axes; Figure() needs no pyplot and no display."""
-    from matplotlib.figure import Figure
-
-    columns = min(columns, panels)
-    rows = -(-panels // columns)
-    figure = Figure(figsize=(size[0] * columns, size[1] * rows), layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False).flatten()
-    for ax in axes[panels:]:
-        ax.set_visible(False)
-    return figure, list(axes[:panels])
-
-
-def figure_png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    return buffer.getvalue()
 
 
 def data_uri(png: bytes) -> str:
@@ -183,8 +152,16 @@ def plot_eval(result: dict, names: dict[str, str]) -> bytes:
 # --- the page ------------------------------------------------------------------------------------
 
 
+# C0 and C1 control characters (tab, newline and carriage return aside): HTML forbids them, and model output holds
+# them now and then (NUL bytes included)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    """Text for HTML: escaped, control characters shown as \\xNN, lone surrogates as \\udNNN (never written raw)."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return html.escape(text, quote=True)
 
 
 def image(png: bytes, alt: str) -> str:

@@ -22,10 +22,10 @@ from typing import Generator
 import torch
 
 from rlhf import config as cfg
-from rlhf.data import (LengthPolicy, encode_conversation, next_batch, no_preference, pad_right, parse_preference, read_records,
-                       resolve_data_path)
+from rlhf import fast
+from rlhf.data import (read_usable_preferences, LengthPolicy, encode_conversation, next_batch, pad_right, resolve_data_path)
 from rlhf.losses import bradley_terry_loss
-from rlhf.models import (compile_layers, load_reward_model, load_tokenizer, optimizer_and_schedule,
+from rlhf.models import (load_reward_model, load_tokenizer, optimizer_and_schedule,
                         resolve_model_path, save_atomic, score_sequences)
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
@@ -122,19 +122,15 @@ def training(config: Config) -> Generator[dict, None, dict]:
     tokenizer = load_tokenizer(model_path)
     model = load_reward_model(model_path, device, tokenizer)
     if config.compile:
-        compile_layers(model)
+        fast.compile_layers(model)
     pad_id = model.config.pad_token_id
     say(f"[reward] from {model_path} on {device}")
 
     # 2. pairs → tokenised conversations; identical or empty pairs carry no preference and are skipped
     lengths = LengthPolicy(config.max_length, config.truncation)
-    pairs, skipped = [], {"empty": 0, "identical": 0}
-    for record in read_records(resolve_data_path(config.data)):
-        prompt, chosen, rejected = parse_preference(record)
-        reason = no_preference(chosen, rejected)
-        if reason:
-            skipped[reason] += 1
-            continue
+    pairs = []
+    usable, skipped = read_usable_preferences(resolve_data_path(config.data))
+    for record, prompt, chosen, rejected in usable:
         margin = 0.0
         if config.margin_field:
             value = record.data.get(config.margin_field)

@@ -6,14 +6,13 @@ so that log-probabilities recomputed later see the same padding and positions as
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
-from rlhf.data import Messages, encode_prompt, pad_left, position_ids_from_mask
-from rlhf.decoder import LayerStackDecoder, ModelWithCache, covers
+from rlhf.data import Messages, encode_prompt, pad_left
+from rlhf.fast import decoder_for, weights_cast_once
 from rlhf.hardware import autocast
 
 
@@ -38,6 +37,10 @@ class Rollout:
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(1)
 
+    def to(self, device: torch.device) -> "Rollout":
+        return Rollout(self.prompt_ids.to(device), self.prompt_mask.to(device), self.response_ids.to(device),
+                       self.response_mask.to(device), self.ended.to(device), self.texts)
+
     def select(self, index: torch.Tensor | slice) -> "Rollout":
         if isinstance(index, slice):
             texts = self.texts[index]
@@ -45,28 +48,6 @@ class Rollout:
             texts = [self.texts[i] for i in index.tolist()]
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
                        self.response_mask[index], self.ended[index], texts)
-
-
-@contextmanager
-def weights_cast_once(model, bf16: bool):
-    """Let autocast cast each fp32 weight to bf16 once per `generate` call instead of once per token.
-
-    Autocast keeps its bf16 copies only of leaf tensors that require grad; a frozen model's weights would be
-    cast again at every decode step, and decoding at small batches is bound by that memory traffic (SmolLM2-135M,
-    batch 8, `bench/ppo_vs_trl.py --generation`: `generate` on a frozen model 56 tokens/s, 107 with the casts kept;
-    with `decode` as well, 139 against `generate`'s 62 in a later run). Frozen models loaded with `bf16_linears`
-    need it only for the tied LM head. Under `no_grad` nothing is recorded, so the flags are only switched on for
-    the call and restored after. Only the model's own forward (`ModelWithCache`) needs it: `LayerStackDecoder`
-    casts its own copy of the weights once.
-    """
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()] if bf16 else []
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
 
 
 def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,22 +61,23 @@ def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tup
     return ids, mask, ended
 
 
-def draw_tokens(probs: torch.Tensor) -> torch.Tensor:
+def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of `probs` (B, V), drawn by inverting the cumulative distribution.
 
     Same distribution as `torch.multinomial(probs, 1)`, which on CPU draws an exponential variate for every
-    vocabulary entry: 6.9 ms of a 61 ms decode step at batch 8 over SmolLM2's 49,152 tokens (profiled here),
-    against a cumulative sum and 8 uniforms. A token of zero probability spans an empty interval of the
-    cumulative sum, so it is never drawn.
+    vocabulary entry (a tenth of a decode step at batch 8), against a cumulative sum and B uniforms here. A token
+    of zero probability spans an empty interval of the cumulative sum, so it is never drawn. The rows need not
+    sum to 1. `generator`: the random stream to draw from (the global one when None).
     """
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+def next_token(logits: torch.Tensor, temperature: float, top_p: float = 1.0, greedy: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Token ids (B,) from the last position's logits (B, V): argmax, or a draw from softmax(logits / T),
-    restricted with `top_p` < 1 to the most likely tokens whose mass first reaches top_p."""
+    restricted with `top_p` < 1 to the most likely tokens whose mass first reaches top_p (nucleus sampling)."""
     if greedy:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -104,50 +86,51 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, greedy: b
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return draw_tokens(probs)
+    return draw_tokens(probs, generator)
 
 
-def eager_layers():
-    """A context in which layers compiled by `compile_layers` run eager (decoding: a KV cache indexed by layer number
-    would compile once per layer). In a process that never loaded dynamo nothing is compiled, and importing it
-    only for this would cost ~0.9 s."""
-    if "torch._dynamo" not in sys.modules:
-        return nullcontext()
-    return torch.compiler.set_stance("force_eager")
+def decode_steps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_ids: set[int],
+                 pad_id: int, choose: Callable[[torch.Tensor, int], torch.Tensor], fast: bool = True,
+                 compiled: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The decode loop: yield (token ids (B,), the logits (B, V) they were chosen from) one new token at a time.
+
+    What `generate` does for plain sampling, without its per-step machinery (logits processors, stopping criteria,
+    input preparation). `choose(logits, step)` picks the tokens; a row that has ended gets `pad_id`. The prompt's
+    positions skip its left padding; each new token takes the next position and attends to every earlier real
+    token. Stops when every row has emitted one of `eos_ids`, or at the limit. Run it under `no_grad` (and
+    autocast). The forward pass per token is `rlhf.fast.decoder_for`'s: our own for the models it covers (`fast`),
+    else the model's own with transformers' cache.
+    """
+    if max_new_tokens <= 0:
+        return
+    with decoder_for(model, prompt_mask, max_new_tokens, fast=fast, compiled=compiled) as forward:
+        logits = forward.prefill(prompt_ids)
+        running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+        eos = torch.tensor(sorted(eos_ids), device=prompt_ids.device)
+        for step in range(max_new_tokens):
+            token = choose(logits, step).masked_fill_(~running, pad_id)
+            yield token, logits
+            running &= ~torch.isin(token, eos)
+            if step == max_new_tokens - 1 or not running.any():
+                return
+            logits = forward.step(token)
 
 
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
            temperature: float = 0.7, top_p: float = 1.0, greedy: bool = False, min_new_tokens: int = 0,
            fast: bool = True, compiled: bool = False) -> torch.Tensor:
-    """Response ids (B, ≤ max_new_tokens) for left-padded prompts, with a KV cache; pad after a row's EOS.
+    """Response ids (B, ≤ max_new_tokens) for left-padded prompts, sampled from softmax(logits / temperature)
+    (or greedy), EOS held back for the first `min_new_tokens`; pad after a row's EOS."""
+    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+        logits = logits.float()
+        if step < min_new_tokens:
+            logits = logits.clone()
+            logits[:, eos_id] = float("-inf")
+        return next_token(logits, temperature, top_p, greedy)
 
-    What `generate` does for plain sampling, without its per-step machinery (logits processors, stopping
-    criteria, input preparation) and with `draw_tokens`. The prompt's positions skip its left padding; each new
-    token takes the next position and attends to every earlier real token. Stops when every row has ended or at
-    the limit. Run it under `no_grad` (and autocast). The forward pass per token is `LayerStackDecoder` for the
-    models it covers (`fast`; with `compiled`, each step one compiled graph), else the model's own with
-    transformers' cache (`ModelWithCache`), where layers compiled with `compile_layers` run eager (`eager_layers`).
-    """
-    if max_new_tokens <= 0:
-        return prompt_ids.new_empty(prompt_ids.shape[0], 0)
-    own_pass = fast and covers(model)
-    with nullcontext() if own_pass else eager_layers():
-        forward = (LayerStackDecoder(model, prompt_mask, max_new_tokens, compiled) if own_pass
-                   else ModelWithCache(model, prompt_mask, max_new_tokens))
-        logits = forward.prefill(prompt_ids)
-        running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-        tokens = []
-        for step in range(max_new_tokens):
-            logits = logits.float()
-            if step < min_new_tokens:
-                logits[:, eos_id] = float("-inf")
-            token = next_token(logits, temperature, top_p, greedy).masked_fill_(~running, pad_id)
-            tokens.append(token)
-            running &= token != eos_id
-            if step == max_new_tokens - 1 or not running.any():
-                break
-            logits = forward.step(token)
-        return torch.stack(tokens, dim=1)
+    tokens = [token for token, _ in decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, {eos_id}, pad_id,
+                                                 choose, fast, compiled)]
+    return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_empty(prompt_ids.shape[0], 0)
 
 
 @torch.no_grad()
@@ -165,9 +148,9 @@ def sample(
     min_new_tokens: int = 0,
     compiled: bool = False,
 ) -> Rollout:
-    """Sample one response per prompt. Prompts are batched `batch_size` at a time (big batches are faster on
-    CPU: a frozen SmolLM2-135M gave ~860 tok/s at 96, ~830 at 64, ~270 at 8), then stitched into one
-    right-padded Rollout. `compiled`: decode steps as compiled graphs (`LayerStackDecoder`), for long runs."""
+    """Sample one response per prompt. Prompts are batched `batch_size` at a time (big batches are several times
+    faster per token on CPU), then stitched into one right-padded Rollout. `compiled`: decode steps as compiled
+    graphs (`LayerStackDecoder`), for long runs."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     pieces = []
@@ -197,18 +180,3 @@ def sample(
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad), skip_special_tokens=True)
     return Rollout(torch.cat(all_prompt), torch.cat(all_prompt_mask), response_ids, response_mask, ended,
                    [t.strip() for t in texts])
-
-
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False,
-                   logits_to_keep: int = 0):
-    """One forward pass with positions that skip left padding (as in `generate`); with `logits_to_keep` only the
-    last that many positions go through the vocabulary-wide LM head (0 = all)."""
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=want_hidden,
-        use_cache=False,
-        logits_to_keep=logits_to_keep,
-    )
-    return out.logits, (out.hidden_states[-1] if want_hidden else None)

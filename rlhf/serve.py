@@ -12,7 +12,6 @@ It listens on 127.0.0.1 unless --host says otherwise.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import random
@@ -29,6 +28,7 @@ from rlhf import config as cfg
 from rlhf.data import Messages, encode_prompt
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
+from rlhf.rollout import decode_steps, next_token
 from rlhf.tracking import say
 
 POSITIONAL = "model"  # `rlhf serve MODEL_DIR` is `rlhf serve --model MODEL_DIR`
@@ -124,44 +124,24 @@ def parse_request(body: Any, limit: int) -> Settings:
         logprobs=logprobs, top_logprobs=top_logprobs)
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probabilities add up to top_p (nucleus sampling), renormalised."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(descending=True)
-    # a token stays if the mass before it is still below top_p (so the most likely token always stays)
-    keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
-    filtered = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return filtered / filtered.sum()
-
-
 @torch.no_grad()
 def decode(model, prompt_ids: list[int], settings: Settings, eos_ids: set[int], bf16: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (token id, log-probabilities over the vocabulary) one token at a time, with a KV cache."""
-    from transformers import DynamicCache
-
+    """Yield (token id, log-probabilities over the vocabulary) one token at a time: the rollouts' decode loop over
+    the model's own forward pass and transformers' cache, one sequence, with this request's seed."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(settings.seed if settings.seed is not None else random.getrandbits(63))
-    # the cache fills in place; transformers renamed its argument (past_key_values → cache) in 5.2x
-    cache = {cache_argument(model): DynamicCache(config=model.config)}
+
+    def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+        logits = logits.float().cpu()
+        token = next_token(logits, settings.temperature, settings.top_p, greedy=settings.temperature == 0,
+                           generator=generator)
+        return token.to(device)
+
     ids = torch.tensor([prompt_ids], device=device)
-    for _ in range(settings.max_tokens):
-        with autocast(device, bf16):
-            out = model(input_ids=ids, use_cache=True, **cache)
-        logits = out.logits[0, -1].float().cpu()
-        if settings.temperature == 0:
-            token = int(logits.argmax())
-        else:
-            probs = top_p_filter(torch.softmax(logits / settings.temperature, -1), settings.top_p)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        yield token, torch.log_softmax(logits, -1)
-        if token in eos_ids:
-            return
-        ids = torch.tensor([[token]], device=device)
-
-
-def cache_argument(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with autocast(device, bf16):
+        for token, logits in decode_steps(model, ids, torch.ones_like(ids), settings.max_tokens, eos_ids, -1, choose,
+                                          fast=False):
+            yield int(token[0]), torch.log_softmax(logits[0].float().cpu(), -1)
 
 
 def held_back(text: str, stops: list[str]) -> int:

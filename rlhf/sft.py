@@ -20,12 +20,12 @@ from typing import Generator
 import torch
 
 from rlhf import config as cfg
-from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, pad_right, read_demonstrations, resolve_data_path
+from rlhf import fast
+from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, read_demonstrations, resolve_data_path
 from rlhf.losses import sft_loss
-from rlhf.models import (add_lora, compile_layers, count_parameters, load_causal_lm, load_tokenizer,
+from rlhf.models import (add_lora, answer_logprobs, count_parameters, load_causal_lm, load_tokenizer,
                         merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic)
-from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
-from rlhf.ops import logprobs_from_logits
+from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
@@ -75,7 +75,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     if config.lora_r > 0:
         model = add_lora(model, config.lora_r, config.lora_alpha)
     if config.compile:
-        compile_layers(model)
+        fast.compile_layers(model)
     trainable, total = count_parameters(model)
     say(f"[sft] model {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trained) on {device}")
 
@@ -103,22 +103,9 @@ def training(config: Config) -> Generator[dict, None, dict]:
     bar = tqdm(range(total_steps), desc="sft", unit="step")
     for step in bar:
         batch = [examples[i] for i in next_batch(order, len(examples), config.batch_size, rng)]
-        ids, attention = pad_right([p + r for p, r in batch], tokenizer.pad_token_id)
-        batch_tokens = int(attention.sum())
-        # response_mask marks the positions whose token the loss asks the model to predict
-        response_mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, r) in enumerate(batch):
-            response_mask[i, len(p):len(p) + len(r)] = True
-        # logits only from the shortest prompt's last token on: earlier positions predict prompt tokens,
-        # which the loss ignores, and the LM head (vocabulary-wide) is a large share of the step
-        start = max(0, min(len(p) for p, _ in batch) - 1)
-        ids, attention, response_mask = ids.to(device), attention.to(device), response_mask.to(device)
-        with autocast(device, bf16):
-            # logits[:, j] sits at position start + j and predicts token start + j + 1
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False,
-                           logits_to_keep=ids.shape[1] - start).logits
-        logprobs = logprobs_from_logits(logits[:, :-1], ids[:, start + 1:])
-        loss, stats = sft_loss(logprobs, response_mask[:, start + 1:])
+        # the loss asks the model to predict the response tokens only: the prompt is context
+        logprobs, response_mask = answer_logprobs(model, batch, tokenizer.pad_token_id, device, bf16)
+        loss, stats = sft_loss(logprobs, response_mask)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -128,7 +115,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
         if step % config.log_every == 0 or step == total_steps - 1:
             row = log.log(step, metrics)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
-        yield {"step": step, **metrics, "batch_tokens": batch_tokens}
+        yield {"step": step, **metrics, "batch_tokens": sum(len(p) + len(r) for p, r in batch)}
     log.close()
 
     # 4. save a Hugging Face folder atomically, with the resolved config beside the weights

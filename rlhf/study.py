@@ -5,9 +5,10 @@ What it should show (Gao et al. 2022, "Scaling laws for reward model overoptimiz
 penalty (β = 0) the policy travels far from its start and the reward model's score keeps climbing while the
 gold score stalls or falls, because the policy exploits the reward model's mistakes; with the penalty it stays
 close, and both scores rise together.
-How: one `ppo.main` per β into OUT/beta_<β>/ppo (OUT = RUN/sweep; a β that already finished with the same
-settings is kept), then one held-out evaluation of the SFT model and every policy together (gold, reward
-model, KL to SFT, win rate, length, repetition), then sweep.json, sweep.png and a table with a verdict per β.
+How: one `ppo.main` per β into OUT/beta_<β>/ppo (OUT = RUN/sweep), through `rlhf.wiring` like a pipeline stage
+(the same precedence; a β that already finished with the same settings is kept), then one held-out evaluation
+of the SFT model and every policy together (gold, reward model, KL to SFT, win rate, length, repetition), then
+sweep.json, sweep.png and a table with a verdict per β.
 Our deviations: Gao et al. vary how long a policy trains and plot against √KL; we vary β at a fixed number
 of steps and plot against KL (the x axis of PPO's own logs).
 """
@@ -20,15 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
+from rlhf import evaluate, ppo, wiring
 from rlhf.hardware import Precision
-from rlhf import evaluate, ppo
-from rlhf.report import figure_png, new_figure, read_jsonl, last_run
-from rlhf.tracking import say, table
+from rlhf.plots import figure_png, new_figure
+from rlhf.results import result_rows
+from rlhf.tracking import last_run, read_jsonl, say, table
 
 POSITIONAL = "study"  # `rlhf study kl-sweep ...` reads as `rlhf study --study kl-sweep ...`
 STUDIES = ("kl-sweep",)
-WIRED_PPO = {"policy", "reward_model", "output_dir", "beta", "target_kl", "device", "bf16", "seed"}
-WIRED_EVAL = {"models", "reference", "reward_model", "data", "output_dir", "max_prompts", "device", "bf16"}
 
 
 @dataclass
@@ -52,30 +52,17 @@ class Config:
     seed: int = cfg.field(0, "random seed (the same for every β: the runs differ only in β)")
 
 
-def check_section(name: str, section: dict, wired: set[str]) -> None:
-    clash = set(section) & wired
-    if clash:
-        raise cfg.ConfigError(f"rlhf study: '{name}.{sorted(clash)[0]}' is set by the study itself (from run_dir, betas, "
-                              f"eval_prompts, max_prompts, device, bf16 or seed)")
-
-
 def ppo_config(config: Config, run: Path, folder: Path, beta: float) -> ppo.Config:
-    """The PPO settings of one β: the study's, then its `ppo` section, then the wiring (fixed β, the run's models)."""
-    check_section("ppo", config.ppo, WIRED_PPO)
+    """The PPO settings of one β: the study's shared settings, then its `ppo` section, then the wiring (fixed β,
+    the run's models, the study's device, precision and seed)."""
     pipeline_file = run / "config.yaml"  # train on the prompts the run's reward model was trained for
     prompts = cfg.read_yaml(pipeline_file).get("prompts") if pipeline_file.is_file() else None
-    values = {"steps": config.steps, "batch_size": config.batch_size, "mini_batch_size": config.mini_batch_size,
+    shared = {"steps": config.steps, "batch_size": config.batch_size, "mini_batch_size": config.mini_batch_size,
               "max_new_tokens": config.max_new_tokens, "lr": config.lr, "monitor_every": config.monitor_every,
-              **({"data": prompts} if prompts else {}), **config.ppo,
-              "policy": str(run / "sft"), "reward_model": str(run / "reward"), "output_dir": str(folder / "ppo"),
-              "beta": beta, "target_kl": 0.0, "device": config.device, "bf16": config.bf16, "seed": config.seed}
-    return cfg.build(ppo.Config, values, where=f"rlhf study (PPO at β={beta:g})")
-
-
-def finished(ppo_cfg: ppo.Config) -> bool:
-    """A policy saved by a PPO run with exactly these settings (its checkpoint keeps them) need not run again."""
-    saved = Path(ppo_cfg.output_dir) / "rlhf_config.json"
-    return saved.is_file() and json.loads(saved.read_text()) == json.loads(json.dumps(cfg.to_dict(ppo_cfg), default=str))
+              **({"data": prompts} if prompts else {})}
+    wired = {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "output_dir": str(folder / "ppo"),
+             "beta": beta, "target_kl": 0.0, "device": config.device, "bf16": config.bf16, "seed": config.seed}
+    return wiring.stage_config(ppo.Config, "ppo", section=config.ppo, wiring=wired, shared=shared, road="study")
 
 
 def verdict(row: dict) -> str:
@@ -136,33 +123,30 @@ def main(config: Config) -> dict:
     out = Path(config.output_dir) if config.output_dir else run / "sweep"
     started = time.time()
     configs = {beta: ppo_config(config, run, out / f"beta_{beta:g}", beta) for beta in config.betas}
-    check_section("eval", config.eval, WIRED_EVAL)
+    sft = str(run / "sft")
+    first = next(iter(configs.values()))
+    eval_config = wiring.stage_config(evaluate.Config, "eval", section=config.eval, road="study", shared={
+        "max_new_tokens": config.max_new_tokens, "temperature": first.temperature}, wiring={
+        "models": [sft] + [c.output_dir for c in configs.values()], "reference": sft, "reward_model": str(run / "reward"),
+        "data": config.eval_prompts, "output_dir": str(out / "eval"), "max_prompts": config.max_prompts,
+        "bf16": config.bf16, "device": config.device})
     say(f"[study] kl-sweep: β = {', '.join(f'{b:g}' for b in config.betas)}, {config.steps} PPO steps each, from {run}")
 
     # 1. one PPO run per β, from the same SFT model and reward model with the same seed
     ppo_seconds: dict[float, float] = {}
     for number, (beta, ppo_cfg) in enumerate(configs.items(), start=1):
-        if finished(ppo_cfg):
-            say(f"[study] β={beta:g} ({number}/{len(configs)}): finished earlier with these settings, kept ({ppo_cfg.output_dir})")
-            continue
         say(f"[study] β={beta:g} ({number}/{len(configs)}): PPO → {ppo_cfg.output_dir}")
         began = time.time()
-        ppo.main(ppo_cfg)
-        ppo_seconds[beta] = time.time() - began
-        left = len(configs) - number
-        say(f"[study] β={beta:g} done in {ppo_seconds[beta]:.0f} s; {(time.time() - started) / 60:.1f} min so far"
-            + (f", about {left * ppo_seconds[beta] / 60:.0f} min of PPO left" if left else ""))
+        _, ran = wiring.run_stage("ppo", ppo.main, ppo_cfg, Path(ppo_cfg.output_dir).parent / "stages", road="study")
+        if ran:
+            ppo_seconds[beta] = time.time() - began
+            left = len(configs) - number
+            say(f"[study] β={beta:g} done in {ppo_seconds[beta]:.0f} s; {(time.time() - started) / 60:.1f} min so far"
+                + (f", about {left * ppo_seconds[beta] / 60:.0f} min of PPO left" if left else ""))
 
     # 2. one held-out evaluation of SFT and every policy: gold and reward-model score, KL to SFT, win rate
     eval_began = time.time()
-    sft = str(run / "sft")
     names = {sft: "SFT", **{ppo_cfg.output_dir: f"β={beta:g}" for beta, ppo_cfg in configs.items()}}
-    first = next(iter(configs.values()))
-    eval_config = cfg.build(evaluate.Config, {
-        "max_new_tokens": config.max_new_tokens, "temperature": first.temperature, **config.eval,
-        "models": [sft] + [c.output_dir for c in configs.values()], "reference": sft, "reward_model": str(run / "reward"),
-        "data": config.eval_prompts, "output_dir": str(out / "eval"), "max_prompts": config.max_prompts,
-        "bf16": config.bf16, "device": config.device}, where="rlhf study (evaluation)")
     result = evaluate.main(eval_config, names=names)
     eval_seconds = time.time() - eval_began
 
@@ -181,7 +165,7 @@ def main(config: Config) -> dict:
                                                   "monitor/reward_model") if k in r} for r in log_rows]
 
     # 4. the table, the verdict on the claim, sweep.json and sweep.png
-    cells = evaluate.result_rows(result, names)
+    cells = result_rows(result, names)
     shown = [{"β": cell["model"], **{k: v for k, v in cell.items() if k != "model"},
               "verdict": "(baseline)" if row["model"] == sft else verdict(row)} for cell, row in zip(cells, result["rows"])]
     no_penalty = [p for p in points if p["beta"] == 0]

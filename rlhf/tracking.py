@@ -1,4 +1,4 @@
-"""Metrics to JSONL and TensorBoard, printing on rank 0 only, small terminal tables, seeding."""
+"""Metrics to JSONL and TensorBoard (and reading them back), printing on rank 0 only, small terminal tables, seeding."""
 
 from __future__ import annotations
 
@@ -93,3 +93,16 @@ def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
     lines += ["  ".join(cell(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def last_run(rows: list[dict]) -> tuple[list[dict], int]:
+    """A metrics log is appended to by every run of its stage: keep the last run (where the step last went back)
+    → (its rows, how many runs the log holds)."""
+    starts = [0] + [i for i in range(1, len(rows)) if rows[i].get("step", 0) <= rows[i - 1].get("step", 0)]
+    return rows[starts[-1]:], len(starts)

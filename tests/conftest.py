@@ -28,6 +28,14 @@ def write_jsonl(tmp_path):
     return write
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that drives the browser carries the `browser` marker, however it reaches the fixture, so that
+    `pytest -m "not browser and not postgres"` runs the suite with no system service."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
+
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run", "--disable-sync"]

@@ -3,16 +3,21 @@ model's layers eager, and PPO's rollouts take compiled decode steps (`LayerStack
 
 import json
 
+import pytest
 import torch
 
-from rlhf import ops, ppo, sft
+from rlhf import ppo, sft
+from rlhf.fast import compile as fast_compile
 from rlhf.data import position_ids_from_mask
-from rlhf.models import attention_for_width, compile_layers, load_causal_lm, load_tokenizer
+from rlhf.fast import attention_for_width, compile_layers
+from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.hardware import autocast
 from rlhf.rollout import decode
 
 from test_stages import DEMOS, PROMPTS, weights, changed  # noqa: F401  (fixtures and data shared with the stage tests)
 from test_stages import pairs_file, reward_dir  # noqa: F401
+
+pytestmark = pytest.mark.compile
 
 
 def test_compiled_layers_give_the_eager_logits_gradients_and_tokens(tiny_model):
@@ -40,13 +45,13 @@ def test_compiled_layers_give_the_eager_logits_gradients_and_tokens(tiny_model):
 
 
 def test_compiled_bf16_layers_take_our_attention_and_agree_with_eager(tiny_model, monkeypatch, tmp_path):
-    """Under bf16 autocast on CPU a compiled layer's attention is `ops.masked_attention` (flash forward, our
+    """Under bf16 autocast on CPU a compiled layer's attention is `masked_attention` (flash forward, our
     backward): the logits and gradients agree with the eager (math kernel) pass to bf16 rounding, a compiled
     reference gives the compiled policy's logits exactly (KL 0 at the start), and a saved model names plain SDPA."""
     torch._dynamo.reset()  # trace afresh, so that the spy below sees the attention the graphs are built from
     traced = []
-    real = ops.masked_attention
-    monkeypatch.setattr(ops, "masked_attention", lambda *args: traced.append(args[0].shape) or real(*args))
+    real = fast_compile.masked_attention
+    monkeypatch.setattr(fast_compile, "masked_attention", lambda *args: traced.append(args[0].shape) or real(*args))
     cpu = torch.device("cpu")
     eager, compiled = load_causal_lm(tiny_model, cpu), load_causal_lm(tiny_model, cpu)
     reference = load_causal_lm(tiny_model, cpu, trainable=False, bf16_linears=True)
@@ -62,7 +67,7 @@ def test_compiled_bf16_layers_take_our_attention_and_agree_with_eager(tiny_model
         if name != "reference":
             logits.logsumexp(-1)[mask.bool()].mean().backward()
         results[name] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
-    assert traced, "the compiled layers did not trace ops.masked_attention"
+    assert traced, "the compiled layers did not trace masked_attention"
     (eager_logits, eager_grads), (compiled_logits, compiled_grads) = results["eager"], results["compiled"]
     real_rows = mask.bool()
     assert torch.allclose(eager_logits[real_rows], compiled_logits[real_rows], atol=0.05, rtol=0.02)

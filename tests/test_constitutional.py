@@ -103,12 +103,13 @@ def test_the_road_config_wires_every_step():
     ppo_road = cai.stage_configs(cfg.build(cai.Config, {**cfg.read_yaml("configs/constitutional.yaml"), "method": "ppo"}))
     assert ppo_road["reward"].data == ppo_road["dpo"].data and ppo_road["ppo"].reward_model == ppo_road["reward"].output_dir
     assert read_prompts(ppo_road["ppo"].data) and ppo_road["eval"].models[-1] == ppo_road["ppo"].output_dir
-    with pytest.raises(cfg.ConfigError, match="'dpo.model' is set by the road"):
+    with pytest.raises(cfg.ConfigError, match="'dpo.model' is set by the constitutional road"):
         cai.stage_configs(cfg.build(cai.Config, {"dpo": {"model": "x"}}))
     with pytest.raises(cfg.ConfigError, match="Did you mean 'rounds'"):
         cai.stage_configs(cfg.build(cai.Config, {"revise": {"round": 2}}))
 
 
+@pytest.mark.slow
 def test_the_whole_road_on_a_tiny_model(tiny_model, prompts_file, tmp_path, method="dpo"):
     """revise → SFT → prefs → DPO → eval (the PPO road runs `rlhf reward` and `rlhf ppo`, tested on their own)."""
     tiny = {"max_new_tokens": 6, "batch_size": 8}

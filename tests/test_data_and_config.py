@@ -130,6 +130,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp folder left behind
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_without_traceback(write_jsonl, tmp_path):
     path = write_jsonl("d.jsonl", ['{"prompt": "x"'])
     result = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--model", "tiny", "--data", str(path),
@@ -141,13 +142,11 @@ def test_cli_reports_bad_input_without_traceback(write_jsonl, tmp_path):
     assert result.returncode == 2 and "Did you mean 'beta'" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_help_is_fast_and_lists_commands():
-    import time
-
-    started = time.time()
+def test_cli_help_lists_commands_without_importing_torch():
+    """`rlhf --help` starts fast because the CLI imports no stage (and so no torch) before a command is chosen; how
+    fast it is on a machine is a benchmark's business, not a test's."""
     result = subprocess.run([sys.executable, "-m", "rlhf", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "pipeline" in result.stdout and "ppo" in result.stdout
-    assert time.time() - started < 10  # generous here; the point is that torch is not imported
     probe = subprocess.run([sys.executable, "-c", "import sys, rlhf.cli; assert 'torch' not in sys.modules"])
     assert probe.returncode == 0
 

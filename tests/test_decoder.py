@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from rlhf.data import position_ids_from_mask
-from rlhf import decoder
-from rlhf.decoder import LayerStackDecoder, covers
-from rlhf.models import linears_to_bf16
+from rlhf.fast import decoder, linears_to_bf16
+from rlhf.fast.decoder import LayerStackDecoder, covers
 from rlhf.hardware import autocast
 from rlhf.rollout import decode
 
@@ -83,6 +82,7 @@ def test_bf16_logits_within_the_autocast_rounding():
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["oneDNN-packed", "F.linear"])
+@pytest.mark.compile
 def test_compiled_steps_equal_the_models_forward(packed, monkeypatch):
     """Compiled decode steps (whole cache attended, unwritten slots masked, the packed matmul as our own operator):
     fp32 logits equal the model's forward; in bf16, within what bf16 moves the fp32 logits."""
@@ -98,6 +98,7 @@ def test_compiled_steps_equal_the_models_forward(packed, monkeypatch):
         assert (ours_bf16 - theirs_bf16).abs().max() <= 3 * (theirs_bf16 - theirs).abs().max()
 
 
+@pytest.mark.compile
 def test_compiled_decoder_compiles_once_per_cache_bucket():
     """Prompts of another width and another rollout of the same batch size reuse the compiled step; the cache is
     the prompt plus the answer rounded up to `CAPACITY_STEP` slots."""

@@ -73,6 +73,7 @@ def test_the_cap_lowers_what_onednn_may_use():
     assert capped["avx512_bf16"] == here.avx512_bf16  # the CPU's own flags ignore the cap
 
 
+@pytest.mark.slow
 @x86_only
 @pytest.mark.parametrize("bf16, says", [("auto", "[precision] fp32: this CPU has no native bf16"),
                                         ("true", "[precision] WARNING: bf16 autocast as asked (bf16: true)")])

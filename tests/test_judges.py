@@ -14,7 +14,7 @@ import pytest
 
 from rlhf import dpo, label, reward, sft
 from rlhf.data import read_preferences
-from rlhf.judges import (Comparison, EndpointJudge, LocalJudge, RewardJudge, SimulatedJudge, judge_messages,
+from rlhf.judges import (EndpointSettings, Comparison, EndpointJudge, LocalJudge, RewardJudge, SimulatedJudge, judge_messages,
                          label_probability, make_judge, parse_answer, position_bias)
 
 PROMPT = [{"role": "user", "content": "Explain rain to a 10-year-old."}]
@@ -130,20 +130,24 @@ def test_label_reports_agreement_with_human_labels(tiny_model, labelled, tmp_pat
 # --- an endpoint that misbehaves -----------------------------------------------------------------
 
 
+STALL = "stall"  # a behaviour's answer that never comes: the request hangs until the endpoint closes
+
+
 @contextmanager
 def fake_endpoint(behaviour):
     """A chat-completions endpoint on 127.0.0.1 whose every answer is `behaviour(request body, count)`:
-    (status, body bytes) or a number of seconds to stall. It judges as a careful model would: the
-    response that says GOOD wins, wherever it is shown."""
+    (status, body bytes) or STALL. It judges as a careful model would: the response that says GOOD wins,
+    wherever it is shown."""
     seen = []
+    closing = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append(body)
             result = behaviour(body, len(seen))
-            if isinstance(result, (int, float)):
-                time.sleep(result)
+            if result == STALL:
+                closing.wait()  # longer than any client waits, however loaded the machine is
                 result = (200, answer("A"))
             status, payload = result
             try:
@@ -165,6 +169,7 @@ def fake_endpoint(behaviour):
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
     finally:
+        closing.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
@@ -182,7 +187,8 @@ def careful(body) -> str:
 
 
 def endpoint_judge(url, tmp_path, **options) -> EndpointJudge:
-    settings = dict(timeout=0.3, retries=2, concurrency=2, backoff=0.01, cache=str(tmp_path / "cache.sqlite"))
+    # a timeout far above any answer's time: only a stalled request ever times out
+    settings = dict(timeout=30.0, retries=2, concurrency=2, backoff=0.01, cache=str(tmp_path / "cache.sqlite"))
     return EndpointJudge("fake", url, **{**settings, **options})
 
 
@@ -203,7 +209,7 @@ def test_endpoint_retries_500s_and_then_labels_and_caches(tmp_path):
 
 
 @pytest.mark.parametrize("name,behaviour,reason,requests_per_order", [
-    ("timeout", lambda body, n: 1.0, "timeout", 3),
+    ("timeout", lambda body, n: STALL, "timeout", 3),
     ("500", lambda body, n: (500, b"internal error"), "http 500", 3),
     ("malformed", lambda body, n: (200, b'{"choices": [{"message": '), "malformed", 3),
     ("no content", lambda body, n: (200, b'{"object": "chat.completion"}'), "malformed", 3),
@@ -212,10 +218,12 @@ def test_endpoint_retries_500s_and_then_labels_and_caches(tmp_path):
 ])
 def test_endpoint_failures_are_counted_never_guessed(tmp_path, name, behaviour, reason, requests_per_order):
     with fake_endpoint(behaviour) as (url, seen):
-        judge = endpoint_judge(url, tmp_path)
+        judge = endpoint_judge(url, tmp_path, **({"timeout": 0.5} if name == "timeout" else {}))
         judgements = judge.compare(PAIRS)
     assert all(j.p_first is None and j.error == reason for j in judgements)
-    assert len(seen) == 4 * requests_per_order  # 2 pairs × 2 orders, each tried 1 + retries times where retried
+    # 2 pairs × 2 orders, each tried 1 + retries times where retried (counted by the client: a stalled request may
+    # reach the server's counter after the test is over)
+    assert judge.stats.requests == 4 * requests_per_order
     assert judge.stats.failures == {reason: 4}
 
 
@@ -235,7 +243,7 @@ def test_label_through_a_flaky_endpoint_writes_what_it_can(tmp_path):
     data.write_text("".join(json.dumps({**c, "responses": c["responses"][:2]}) + "\n" for c in CANDIDATES))
     with fake_endpoint(behaviour) as (url, seen):
         summary = label.main(label.Config(judge=f"openai:fake@{url}", data=str(data), out=str(tmp_path / "prefs.jsonl"),
-                                          timeout=2.0, retries=1, cache="none"))
+                                          endpoint=EndpointSettings(timeout=2.0, retries=1, cache="none")))
     assert summary["labelled"] == 1 and summary["no_label"] == {"malformed": 1, "no answer": 1, "tie": 1}
     rows = [json.loads(line) for line in (tmp_path / "prefs.jsonl").read_text().splitlines()]
     assert rows[0]["chosen"].endswith("GOOD answer.") and rows[0]["p_chosen"] == 1.0
@@ -295,7 +303,8 @@ def test_endpoint_judge_through_rlhf_serve_matches_the_local_judge(tiny_judge_mo
                    Comparison([{"role": "user", "content": "Explain snow."}], "Snow is frozen rain.", "snow snow")]
     local = LocalJudge(str(tiny_judge_model), device="cpu", bf16=False).compare(comparisons)
     with running_server(tiny_judge_model) as url:
-        judge = make_judge(f"openai:{tiny_judge_model.name}@{url}", device="cpu", cache="none", timeout=30.0)
+        judge = make_judge(f"openai:{tiny_judge_model.name}@{url}", device="cpu",
+                           endpoint=EndpointSettings(cache="none", timeout=30.0))
         remote = judge.compare(comparisons)
     assert judge.stats.requests == 6 and not judge.stats.failures
     for l, r in zip(local, remote):  # read from the served log-probabilities, not from a parsed letter

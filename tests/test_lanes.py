@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from rlhf.lanes import SideBySide
+from rlhf.fast.lanes import SideBySide
 
 
 @pytest.fixture

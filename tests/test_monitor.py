@@ -6,7 +6,8 @@ import pytest
 from safetensors.torch import load_file
 
 from rlhf import ppo
-from rlhf.evaluate import hacking_warnings
+from rlhf import monitor as monitor_module
+from rlhf.metrics import hacking_warnings
 
 PROMPTS = [{"prompt": f"Explain {t} to a 10-year-old."} for t in ["rain", "wind", "snow", "the sun"]]
 
@@ -69,7 +70,7 @@ def run_ppo(model, prompts, out, **overrides):
 
 def test_monitor_logs_without_changing_training(tiny_model, write_jsonl, tmp_path, monkeypatch, capsys):
     prompts = write_jsonl("prompts.jsonl", PROMPTS)
-    monkeypatch.setattr(ppo, "hacking_warnings", lambda history, *args: ["test alarm"] if len(history) == 2 else [])
+    monkeypatch.setattr(monitor_module, "hacking_warnings", lambda history, *args: ["test alarm"] if len(history) == 2 else [])
     rows = run_ppo(tiny_model, prompts, tmp_path / "on" / "ppo", monitor_every=2, monitor_size=3)
     # checks at step 0, step 2 (every 2) and step 2 is also the last: two checks
     monitored = [r for r in rows if "monitor/gold" in r]

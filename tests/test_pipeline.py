@@ -20,6 +20,7 @@ def tiny_config(run, model):
     })
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_end_to_end(tiny_model, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

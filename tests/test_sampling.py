@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from rlhf.data import encode_prompt, pad_left
-from rlhf.models import attention_for_width, linears_to_bf16, load_causal_lm, load_tokenizer
+from rlhf.fast import attention_for_width, linears_to_bf16
+from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.hardware import autocast
 from rlhf.rollout import decode, draw_tokens, next_token
 
@@ -164,7 +165,7 @@ def test_norm_outputs_cast_once_same_forward_fewer_saved_activations(tiny_model)
     (relative error ~0.5-0.9% on both, measured here)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf.models import cast_norm_outputs_once
+    from rlhf.fast import cast_norm_outputs_once
 
     tokenizer = load_tokenizer(tiny_model)
     fp32, plain, hooked = (AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32) for _ in range(3))

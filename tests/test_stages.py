@@ -227,7 +227,7 @@ def test_ppo_separate_critic_side_by_side_gives_the_same_update(tiny_model, rewa
     the trained policy and critic equal those of the run that takes them in turn."""
     import threading
 
-    import rlhf.lanes as lanes_module
+    import rlhf.fast.lanes as lanes_module
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # two threads to share, whatever the machine

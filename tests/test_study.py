@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from rlhf import cli, config as cfg, report, study
+from rlhf import cli, report, study, wiring
+from rlhf import config as cfg
 
 # the gold judge (MiniLM) is the slow part on a tiny model: the monitor is off here (tests/test_monitor.py has it)
 TINY_SWEEP = ["--betas", "0,0.1", "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens", "6",
@@ -27,6 +28,7 @@ def run_folder(tiny_model, tmp_path):
     return run
 
 
+@pytest.mark.slow
 def test_kl_sweep_end_to_end(run_folder, capsys):
     assert cli.main(["study", "kl-sweep", "--run_dir", str(run_folder), *TINY_SWEEP]) == 0
     out = capsys.readouterr().out
@@ -47,9 +49,14 @@ def test_kl_sweep_end_to_end(run_folder, capsys):
 
     # a sweep run again keeps a β that finished with the same settings, and reruns one whose settings changed
     config = cli.parse_stage_args("study", study.Config, ["--run_dir", str(run_folder), *TINY_SWEEP])
-    assert study.finished(study.ppo_config(config, run_folder, sweep_dir / "beta_0.1", 0.1))
+    runs = []
+    _, ran = wiring.run_stage("ppo", runs.append, study.ppo_config(config, run_folder, sweep_dir / "beta_0.1", 0.1),
+                              sweep_dir / "beta_0.1" / "stages", road="study")
+    assert not ran and not runs
     config.lr = 1e-4
-    assert not study.finished(study.ppo_config(config, run_folder, sweep_dir / "beta_0.1", 0.1))
+    _, ran = wiring.run_stage("ppo", runs.append, study.ppo_config(config, run_folder, sweep_dir / "beta_0.1", 0.1),
+                              sweep_dir / "beta_0.1" / "stages", road="study")
+    assert ran and runs[0].lr == 1e-4
     # the report of the run folder shows the sweep
     made = report.main(report.Config(run_dir=str(run_folder)))
     page = (run_folder / "report.html").read_text()

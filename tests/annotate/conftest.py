@@ -92,7 +92,7 @@ def postgres_server():
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path) -> str:
     """The same test runs against a SQLite file and against a real PostgreSQL server."""
     if request.param == "sqlite":

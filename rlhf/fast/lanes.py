@@ -1,13 +1,10 @@
 """Two independent pieces of work side by side on a CPU, each on its own share of the cores.
 
-Why: on a small CPU a model's training-width matmuls use the cores poorly. On this 2-core machine several of
-SmolLM2-135M's bf16 matmuls at 784 rows (8 sequences of 98 tokens) run no faster on 2 threads than on 1 (q and
-o projections forward, the MLP's input gradients, the down projection forward: 0.98-1.10x). So two backward
-passes that do not depend on each other (PPO's policy and its separate critic) can finish sooner each on one
-core than taking turns on two: in PPO's like-for-like iteration (compiled, bf16, in-process A/B, median of 10)
-the backward passes took 1.51 s side by side against 1.60 in turn, the iteration 5.28 against 5.48
-(`bench/README.md`). Forward passes side by side were slower there (0.98 against 0.83 s), so PPO runs only its
-backward passes this way.
+Why: on a small CPU a model's training-width matmuls use the cores poorly: several of SmolLM2-135M's bf16 matmuls
+at PPO's training width run no faster on 2 threads than on 1. So two backward passes that do not depend on each
+other (PPO's policy and its separate critic) can finish sooner each on one core than taking turns on two. Forward
+passes side by side were slower, so PPO runs only its backward passes this way (`backward_and_clip`). The A/B
+figures are in bench/README.md.
 
 `SideBySide(enabled).run(first, second)` returns `(first(), second())`. When enabled, `second` runs in a
 worker thread while `first` runs in the calling thread, each with half the intra-op threads; the calling
@@ -23,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 import torch
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -59,3 +57,31 @@ class SideBySide:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+
+
+def backward_and_clip(terms: list[tuple[torch.Tensor, list[torch.Tensor]]], max_norm: float,
+                      lanes: SideBySide | None = None) -> torch.Tensor:
+    """Backward from the losses in `terms` ((loss, the parameters it trains) each), then clip all their gradients
+    together to `max_norm` → the total gradient norm before clipping.
+
+    `lanes` None: the losses share one graph (PPO's value head on the policy): one backward of their sum. Given:
+    two graphs with no node in common (PPO's policy and its separate critic): each backward measures its own
+    gradient norm, both at once when the lanes are enabled (else in turn), and the clipping uses the norm of both,
+    as `clip_grad_norm_` would. The gradients are the sum's either way.
+    """
+    parameters = [p for _, params in terms for p in params]
+    if lanes is None:
+        sum(loss for loss, _ in terms).backward()
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def backward_then_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def work() -> torch.Tensor:
+            loss.backward()
+            return get_total_norm([p.grad for p in params if p.grad is not None])
+        return work
+
+    first, second = terms
+    side_norms = lanes.run(backward_then_norm(*first), backward_then_norm(*second))
+    total = get_total_norm(torch.stack(side_norms))
+    clip_grads_with_norm_(parameters, max_norm, total)
+    return total

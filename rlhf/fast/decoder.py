@@ -3,10 +3,9 @@
 Why: at the batches PPO samples on CPU (8 answers) a decode step through transformers' modules spends as long
 outside its matmuls as in them: autocast's dispatch, the mask and cache machinery, two to five small ops per
 projection. This pass reads the same weights with one matmul for q, k and v and one for the MLP's gate and up
-(pre-packed for oneDNN on CPU), a KV cache written in place, and nothing else per layer but the norms, the
-rotary embedding and attention. SmolLM2-135M, PPO's trainable policy, batch 8, 48 tokens, bf16: 2.24 → 1.39 s
-a rollout; 1.9x `generate`'s tokens/s in `bench/ppo_vs_trl.py --generation`, 3.6-3.8x on a frozen model.
-With `compiled` (PPO's `compile: true`) each decode step is one inductor graph: 29.5 → 23.8 ms a step there.
+(pre-packed for oneDNN on CPU where oneDNN supports the dtype), a KV cache written in place, and nothing else per
+layer but the norms, the rotary embedding and attention. With `compiled` (PPO's `compile: true`) each decode step
+is one inductor graph. The speed-ups are in bench/README.md.
 
 The numbers are the model's own under autocast: the residual stream stays in the embedding's dtype (fp32), the
 norm outputs and matmuls run in the autocast dtype. The rotary embedding is the model's own module, so any rope
@@ -87,10 +86,8 @@ def _fused(linears: list, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
 
 def _packs_for_cpu(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether weights are handed to oneDNN pre-packed (CPU; bf16 or fp32): in the layout its matmul wants, made
-    once per decoder instead of at every call. It is the op inductor's CPU freezing pass uses. Measured here at
-    batch 8 with the weights coming from memory, SmolLM2's shapes: a 3072x576 weight 303 → 180 us in bf16 (the
-    same numbers bit for bit) and 624 → 381 us in fp32 (the same to rounding: ~1e-4 of a sum's order), the
-    49152x576 LM head 3.9 → 2.5 ms in bf16 and 14.5 → 5.4 ms in fp32."""
+    once per decoder instead of at every call. It is the op inductor's CPU freezing pass uses. In bf16 the numbers
+    are the same bit for bit, in fp32 the same to rounding. oneDNN packs bf16 only from AVX-512 up."""
     if dtype == torch.bfloat16 and not packs_bf16_weights():  # oneDNN below AVX-512 refuses to pack bf16
         return False
     return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and torch.backends.mkldnn.is_available()
@@ -238,10 +235,10 @@ def _layer_stack(hidden, cos, sin, slots, key_bias, layers, keys, values, final_
 def _compiled_layer_stack():
     """`_layer_stack` compiled by inductor with fixed shapes, for decode steps (made once per process).
 
-    Why: eager, a step is ~1,300 small ops, and between its matmuls they take ~10 of its ~29 ms (SmolLM2-135M,
-    batch 8, bf16). Compiled, the norms, rotary, casts and residual adds become a few fused kernels per layer, and
-    the matmuls and attention stay the same oneDNN and ATen calls: 29.5 → 23.8 ms a step. It costs one compile
-    (~20 s) per batch size and cache-length bucket, and needs a C++ compiler, like `compile_layers`.
+    Why: eager, a step is ~1,300 small ops, and between its matmuls they take about a third of the step. Compiled,
+    the norms, rotary, casts and residual adds become a few fused kernels per layer, and the matmuls and attention
+    stay the same oneDNN and ATen calls. It costs one compile per batch size and cache-length bucket, and needs a
+    C++ compiler, like `compile_layers`.
     """
     return torch.compile(_layer_stack, dynamic=False)
 
@@ -250,7 +247,7 @@ def _compiled_layer_stack():
 def _packed_linear_op():
     """`_packed_linear` as an operator of our own, for compiled graphs: inductor lowers oneDNN's packed linear
     only for weights it packed itself (frozen constants), while ours are packed anew for each rollout. To inductor
-    this op is an opaque call; its cost is a few microseconds of dispatch (a `custom_op` wrapper took ~12)."""
+    this op is an opaque call with a few microseconds of dispatch (less than a `custom_op` wrapper's)."""
     library = torch.library.Library("rlhf", "DEF")
     library.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
     library.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
@@ -261,8 +258,8 @@ def _packed_linear_op():
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' Llama computes it, in x's dtype. Four plain ops: `F.rms_norm` took ~45 us a call
-    here against ~25 (decode 1.57 → 1.42 s with this and the one-roll rotary, batch 8, 48 tokens)."""
+    """RMSNorm as transformers' Llama computes it, in x's dtype. Four plain ops: faster per call on CPU than
+    `F.rms_norm` at decode shapes."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 

@@ -1,0 +1,64 @@
+"""Stages run from one run's settings: the one place where a stage's config is put together, and where a stage
+that already finished is skipped. `rlhf pipeline`, `rlhf constitutional` and `rlhf study` all go through it.
+
+One precedence rule, lowest first:
+  1. the stage's own defaults (its Config dataclass);
+  2. the road's defaults for that stage (e.g. Constitutional AI's PPO without the gold judge);
+  3. the run-wide settings (device, bf16, seed; a study's shared PPO settings);
+  4. the stage's section of the file (`ppo: {lr: 1e-5}`, or `--ppo.lr 1e-5` on the command line);
+  5. the wiring: the paths that connect the stages (models, data, output folders), which a section may not set.
+
+A stage has finished when its marker (`<run>/stages/<name>.json`, written after it returned) holds the same
+resolved config; a stage that runs makes every later stage of the same road run too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf import config as cfg
+from rlhf.tracking import say
+
+
+def stage_config(cls: type, name: str, *, section: dict[str, Any], wiring: dict[str, Any],
+                 shared: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None, road: str = "pipeline"):
+    """Build stage `name`'s config by the precedence rule above; a section key that the wiring sets is an error."""
+    clash = sorted(set(wiring) & set(section))
+    if clash:
+        raise cfg.ConfigError(f"{road}: '{name}.{clash[0]}' is set by the {road} itself (it connects the stages); "
+                              f"set it at the top level instead")
+    return cfg.build(cls, {**(defaults or {}), **(shared or {}), **section, **wiring}, where=f"{road} section '{name}'")
+
+
+def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, force: bool = False,
+              road: str = "pipeline") -> tuple[Any, bool]:
+    """`run(config)`, unless the marker says this stage finished with this very config (and `force` is off).
+    → (its result, whether it ran). The marker is written atomically after the stage returns."""
+    marker = markers / f"{name}.json"
+    wanted = json.loads(json.dumps(cfg.to_dict(config), default=str))
+    if not force and marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("config") == wanted:
+            say(f"[{road}] {name}: finished earlier, skipped ({marker})")
+            return done.get("result"), False
+        say(f"[{road}] {name}: config changed since the last run; rerunning it and the stages after it")
+    result = run(config)
+    markers.mkdir(parents=True, exist_ok=True)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"config": wanted, "result": result}, indent=2, default=str))
+    tmp.replace(marker)
+    return result, True
+
+
+def run_road(stages: dict[str, tuple[Callable[[Any], Any], Any]], markers: Path,
+             road: str = "pipeline") -> tuple[dict[str, Any], list[str]]:
+    """Run each (function, config) in order through `run_stage`; once one runs, every later one runs too.
+    → (each stage's result, the names of the stages that ran this time)."""
+    results: dict[str, Any] = {}
+    ran: list[str] = []
+    for name, (run, config) in stages.items():
+        results[name], did_run = run_stage(name, run, config, markers, force=bool(ran), road=road)
+        ran += [name] if did_run else []
+    return results, ran
