@@ -33,6 +33,7 @@ tiny: $(STAMP)
 
 test: $(TESTSTAMP)
 	bash scripts/install_test_deps.sh
+	$(BIN)/ruff check rlhf tests bench scripts
 	$(BIN)/python -m pytest -q tests
 
 clean-runs:

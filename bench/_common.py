@@ -155,7 +155,8 @@ def speed(stage: Stage, tmp: Path, steps: int, tiny: bool) -> dict:
             step = next(ours)
             times["ours"].append(time.perf_counter() - began)
             our_tokens.append(step["batch_tokens"])
-            print(f"  step {len(times['trl'])}: TRL {times['trl'][-1]:.2f} s, ours {times['ours'][-1]:.2f} s", flush=True)
+            print(f"  step {len(times['trl'])}: TRL {times['trl'][-1]:.2f} s, ours {times['ours'][-1]:.2f} s",
+                  flush=True)
 
     trainer = stage.trl(model_dir, tmp / f"trl_{stage.name}", max_steps=steps + 1, callbacks=[Alternate()])
     batch = first_batch(trainer)
@@ -224,7 +225,7 @@ def summary(stages: list[Stage]) -> None:
     for s in rows:
         r = s.results
 
-        def cell(key: str, width: int, fmt: str, unit: str = "") -> str:
+        def cell(key: str, width: int, fmt: str, unit: str = "", r: dict = r) -> str:
             return (format(r[key], fmt) + unit if key in r else "-").rjust(width)
 
         parity = {True: "PASS", False: "FAIL"}.get(r.get("parity"), "-")
@@ -237,7 +238,8 @@ def run(description: str, stages: list[Stage]) -> int:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=3, help="timed steps of each side after one warm-up step")
     parser.add_argument("--tiny", action="store_true", help="speed and memory on a tiny random Llama (a smoke test)")
-    parser.add_argument("--only", choices=[s.name for s in stages], action="append", help="only this stage (repeatable)")
+    parser.add_argument("--only", choices=[s.name for s in stages], action="append",
+                        help="only this stage (repeatable)")
     parser.add_argument("--skip-parity", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")

@@ -38,7 +38,8 @@ def main() -> int:
     parser.add_argument("--out", default=tempfile.mkdtemp(prefix="gpu-smoke-"))
     args = parser.parse_args()
 
-    from rlhf import annotators, config as cfg, pipeline
+    from rlhf import annotators, pipeline
+    from rlhf import config as cfg
 
     original_init = annotators.SimulatedAnnotator.__init__
 
@@ -64,7 +65,7 @@ def main() -> int:
     print(json.dumps({"device": args.device, "seconds_per_stage": summary,
                       "total_seconds": round(time.time() - started, 1),
                       "ppo_last": results["ppo"]["last"]}, indent=2))
-    rows = [json.loads(l) for l in (out / "tiny" / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "tiny" / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["policy_loss"])) for r in rows), "non-finite PPO loss"
     print("GPU SMOKE OK" if args.device == "cuda" else "CPU SMOKE OK")
     return 0

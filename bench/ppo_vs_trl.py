@@ -100,8 +100,9 @@ def build_models(tmp: Path) -> tuple[Path, Path]:
     saved once so that both tools load the very same weights."""
     from transformers import AutoModelForSequenceClassification
 
-    policy_dir = {"tiny": lambda: build_tiny_model(tmp / "tiny_policy", seed=0),
-                  "qwen2-0.5b": lambda: build_qwen2_shaped(tmp / "qwen2_shaped")}.get(MODEL, lambda: resolve_model_path("default"))()
+    builders = {"tiny": lambda: build_tiny_model(tmp / "tiny_policy", seed=0),
+                "qwen2-0.5b": lambda: build_qwen2_shaped(tmp / "qwen2_shaped")}
+    policy_dir = builders.get(MODEL, lambda: resolve_model_path("default"))()
     reward_dir = tmp / "reward"
     if not (reward_dir / "config.json").is_file():
         torch.manual_seed(0)
@@ -129,10 +130,12 @@ def bench_prompts(count: int) -> list:
 
 # name → (critic of ours, ours under bf16 autocast, TRL's models under bf16 autocast put on by this harness, title)
 SETTINGS = {
-    "fp32": ("model", False, False, "like-for-like, fp32: four models, batch 8, 48-token responses, 1 PPO epoch; both sides fp32"),
-    "bf16": ("model", True, True, "like-for-like, bf16 autocast: as above, both sides under bf16 autocast (TRL's put on by the harness)"),
-    "defaults": ("head", True, False, "defaults: ours bf16 with the value head on the policy (3 models); TRL 1.12 in fp32, the "
-                                      "only precision its PPOTrainer applies on CPU"),
+    "fp32": ("model", False, False, "like-for-like, fp32: four models, batch 8, 48-token responses, 1 PPO epoch; "
+                                    "both sides fp32"),
+    "bf16": ("model", True, True, "like-for-like, bf16 autocast: as above, both sides under bf16 autocast "
+                                  "(TRL's put on by the harness)"),
+    "defaults": ("head", True, False, "defaults: ours bf16 with the value head on the policy (3 models); TRL 1.12 in "
+                                      "fp32, the only precision its PPOTrainer applies on CPU"),
 }
 
 
@@ -164,10 +167,11 @@ def trl_trainer(policy_dir: Path, reward_dir: Path, prompts: list, out: Path, st
                      num_mini_batches=1, num_ppo_epochs=1, response_length=RESPONSE_TOKENS, temperature=TEMPERATURE,
                      total_episodes=BATCH * steps, local_rollout_forward_batch_size=BATCH, learning_rate=LR,
                      kl_coef=BETA, kl_estimator="k1", missing_eos_penalty=EOS_PENALTY, stop_token="eos",
-                     bf16=autocast, use_cpu=DEVICE == "cpu", num_sample_generations=0, save_strategy="no", report_to="none",
-                     logging_steps=1, seed=0, disable_tqdm=True, gradient_checkpointing=False)
+                     bf16=autocast, use_cpu=DEVICE == "cpu", num_sample_generations=0, save_strategy="no",
+                     report_to="none", logging_steps=1, seed=0, disable_tqdm=True, gradient_checkpointing=False)
     load = lambda cls, path: cls.from_pretrained(path, dtype=torch.float32)  # noqa: E731
-    classifier = lambda: AutoModelForSequenceClassification.from_pretrained(reward_dir, num_labels=1, dtype=torch.float32)  # noqa: E731
+    classifier = lambda: AutoModelForSequenceClassification.from_pretrained(  # noqa: E731
+        reward_dir, num_labels=1, dtype=torch.float32)
     policy, reference = load(AutoModelForCausalLM, policy_dir), load(AutoModelForCausalLM, policy_dir)
     reward, value = classifier(), classifier()
     if autocast:
@@ -183,11 +187,12 @@ def trl_trainer(policy_dir: Path, reward_dir: Path, prompts: list, out: Path, st
 def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path, steps: int, critic: str,
                bf16: bool) -> ppo.Config:
     return ppo.Config(policy=str(policy_dir), reward_model=str(reward_dir), data=str(prompts_file), output_dir=str(out),
-                      steps=steps, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=1, max_new_tokens=RESPONSE_TOKENS,
-                      temperature=TEMPERATURE, lr=LR, value_lr=LR if critic == "model" else 1e-3, critic=critic,
+                      steps=steps, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=1,
+                      max_new_tokens=RESPONSE_TOKENS, temperature=TEMPERATURE, lr=LR,
+                      value_lr=LR if critic == "model" else 1e-3, critic=critic,
                       beta=BETA, kl_estimator="k1", normalize_reward=False, missing_eos_penalty=EOS_PENALTY, gold=False,
-                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16, compile=COMPILE, compile_decode=COMPILE_DECODE, side_by_side=SIDE_BY_SIDE,
-                      device=DEVICE, seed=0)
+                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16, compile=COMPILE,
+                      compile_decode=COMPILE_DECODE, side_by_side=SIDE_BY_SIDE, device=DEVICE, seed=0)
 
 
 class TimedGeneration:
@@ -247,7 +252,8 @@ def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, setting
                                   "response_tokens": None})
             began = time.perf_counter()
             row = next(ours_steps)
-            record["ours"].append({"seconds": time.perf_counter() - began, "generation_seconds": row["generation_seconds"],
+            record["ours"].append({"seconds": time.perf_counter() - began,
+                                   "generation_seconds": row["generation_seconds"],
                                    "kl": row["kl"], "score": row["score"],
                                    "response_tokens": row["response_length"] * BATCH})
             self.mark = time.perf_counter()
@@ -280,8 +286,8 @@ def peak_memory_mib() -> float:
 def child_peak_memory(side: str, tmp: Path, setting: str) -> float:
     """Peak memory of one side alone (3 iterations), in its own process: RSS on CPU, allocated memory on a GPU."""
     command = [sys.executable, __file__, "--memory-child", side, "--setting", setting, "--workdir", str(tmp),
-               "--model", MODEL, "--device", DEVICE] + (["--compile"] if COMPILE else []) + ([] if SIDE_BY_SIDE else ["--in-turn"]) \
-        + ([] if COMPILE_DECODE else ["--eager-decode"])
+               "--model", MODEL, "--device", DEVICE] + (["--compile"] if COMPILE else []) \
+        + ([] if SIDE_BY_SIDE else ["--in-turn"]) + ([] if COMPILE_DECODE else ["--eager-decode"])
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     for line in result.stdout.splitlines():
         if line.startswith("PEAK_RSS_MIB "):
@@ -313,12 +319,12 @@ def synchronize() -> None:
 def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
     """Tokens/s of our sampler (`rlhf.rollout.sample`) and of transformers' `generate` under bf16 autocast, on the
     same batch of 8 prompts, 48 new tokens forced (min_new_tokens), the same sampling settings; median of `repeats`
-    after one warm-up (which compiles ours' decode step under --compile). Two models: a frozen one (as `rlhf pairs` and `rlhf eval` load it) and a trainable one
-    (as PPO's policy, and TRL's, is)."""
-    from rlhf.models import load_causal_lm
-    from rlhf.hardware import autocast
-    from rlhf.rollout import sample
+    after one warm-up (which compiles ours' decode step under --compile). Two models: a frozen one (as `rlhf pairs`
+    and `rlhf eval` load it) and a trainable one (as PPO's policy, and TRL's, is)."""
     from rlhf.data import pad_left
+    from rlhf.hardware import autocast
+    from rlhf.models import load_causal_lm
+    from rlhf.rollout import sample
 
     tokenizer = load_tokenizer(policy_dir)
     prompts = bench_prompts(BATCH)
@@ -327,14 +333,15 @@ def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
     for kind in ("frozen", "trainable"):
         model = load_causal_lm(policy_dir, torch.device(DEVICE), trainable=kind == "trainable")
 
-        def hf():
+        def hf(model=model):
             with torch.no_grad(), autocast(torch.device(DEVICE), True):
-                out = model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), max_new_tokens=RESPONSE_TOKENS, do_sample=True,
+                out = model.generate(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE),
+                                     max_new_tokens=RESPONSE_TOKENS, do_sample=True,
                                      temperature=TEMPERATURE, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
                                      eos_token_id=tokenizer.eos_token_id, min_new_tokens=RESPONSE_TOKENS)
             return (out.shape[1] - ids.shape[1]) * BATCH
 
-        def ours():
+        def ours(model=model):
             rollout = sample(model, tokenizer, prompts, RESPONSE_TOKENS, TEMPERATURE, batch_size=BATCH, bf16=True,
                              min_new_tokens=RESPONSE_TOKENS, compiled=COMPILE and COMPILE_DECODE)  # as PPO samples
             return rollout.response_ids.shape[1] * BATCH
@@ -414,8 +421,9 @@ def main() -> None:
     parser.add_argument("--generation", action="store_true", help="also compare generation tokens/s")
     parser.add_argument("--compile", action="store_true", help="ours with `compile: true` (TRL 1.12's PPOTrainer has "
                                                                "no compile path: its accelerator has no dynamo plugin)")
-    parser.add_argument("--eager-decode", action="store_true", help="with --compile, ours with `compile_decode: false`: "
-                                                                    "sampling's decode steps eager (the ablation)")
+    parser.add_argument("--eager-decode", action="store_true",
+                        help="with --compile, ours with `compile_decode: false`: sampling's decode steps eager "
+                             "(the ablation)")
     parser.add_argument("--in-turn", action="store_true", help="ours with `side_by_side: false`: the policy's and the "
                                                                "critic's backward passes in turn (the ablation)")
     parser.add_argument("--skip-memory", action="store_true")
@@ -435,12 +443,13 @@ def main() -> None:
         memory_child(args.memory_child, Path(args.workdir), args.setting)
         return
 
-    import trl
     import transformers
+    import trl
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"{os.cpu_count()} CPU threads")
-    results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+    results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                            "trl": trl.__version__},
                "ours_compiled": COMPILE, "ours_side_by_side": SIDE_BY_SIDE,
                "ours_compiled_decode": COMPILE and COMPILE_DECODE}
     with tempfile.TemporaryDirectory() as name:

@@ -73,7 +73,8 @@ def sft_same_ids(trainer, model_dir: Path) -> bool:
     tokenizer = load_tokenizer(model_dir)
     ours = []
     for r in sft_rows():
-        prompt, response = encode_prompt(tokenizer, common.messages(r["prompt"])), encode_response(tokenizer, r["completion"])
+        prompt, response = (encode_prompt(tokenizer, common.messages(r["prompt"])),
+                            encode_response(tokenizer, r["completion"]))
         ours.append((prompt + response, [-100] * len(prompt) + response))
     theirs = [(list(row["input_ids"]), list(row["labels"])) for row in trainer.train_dataset]
     return sorted(ours) == sorted(theirs)

@@ -21,8 +21,8 @@ def main(config: Config) -> dict:
     from transformers import TextStreamer
 
     from rlhf.data import encode_prompt
-    from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
     from rlhf.hardware import pick_device
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     device = pick_device(config.device)
     path = resolve_model_path(config.model)
@@ -50,9 +50,10 @@ def main(config: Config) -> dict:
         ids = torch.tensor([encode_prompt(tokenizer, messages)], device=device)
         print("model> ", end="", flush=True)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
-                                 do_sample=config.temperature > 0, temperature=config.temperature or None, top_k=0,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=config.max_new_tokens, do_sample=config.temperature > 0,
+                                 temperature=config.temperature or None, top_k=0, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, streamer=streamer)
         answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})
         turns += 1

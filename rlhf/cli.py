@@ -15,14 +15,20 @@ COMMANDS = {
     "ppo": ("rlhf.ppo", "PPO with a KL penalty against the reward model (--data prompts.jsonl)"),
     "dpo": ("rlhf.dpo", "DPO / IPO / cDPO / SimPO on preference pairs, no reward model (--data pairs.jsonl)"),
     "pipeline": ("rlhf.pipeline", "SFT → pairs → reward → PPO → evaluation in one run folder"),
-    "eval": ("rlhf.evaluate", "held-out gold and reward-model score, win rate, KL, length, repetition, refusals (--models a,b)"),
-    "report": ("rlhf.report", "one self-contained HTML page of a run: curves, before/after, answers (rlhf report RUN_DIR)"),
-    "study": ("rlhf.study", "kl-sweep: PPO at several β from one SFT + reward model; gold and RM score vs KL (--run_dir RUN)"),
+    "eval": ("rlhf.evaluate", "held-out gold and reward-model score, win rate, KL, length, repetition, refusals "
+                              "(--models a,b)"),
+    "report": ("rlhf.report", "one self-contained HTML page of a run: curves, before/after, answers "
+                              "(rlhf report RUN_DIR)"),
+    "study": ("rlhf.study", "kl-sweep: PPO at several β from one SFT + reward model; gold and RM score vs KL "
+                            "(--run_dir RUN)"),
     "chat": ("rlhf.chat", "talk to a checkpoint in the terminal (--model DIR)"),
     "annotate": ("rlhf.annotate.cli", "the preference-annotation web app: import, serve, add-user, export"),
-    "label": ("rlhf.label", "AI labels: a judge chooses between responses → preference pairs (--judge J --data candidates.jsonl --out prefs.jsonl)"),
-    "serve": ("rlhf.serve", "an OpenAI-compatible chat-completions server for a checkpoint (rlhf serve MODEL_DIR --port P)"),
-    "constitutional": ("rlhf.constitutional", "Constitutional AI: revise → SFT → AI preferences → DPO/PPO (subcommands: revise, prefs, eval)"),
+    "label": ("rlhf.label", "AI labels: a judge chooses between responses → preference pairs "
+                            "(--judge J --data candidates.jsonl --out prefs.jsonl)"),
+    "serve": ("rlhf.serve", "an OpenAI-compatible chat-completions server for a checkpoint "
+                            "(rlhf serve MODEL_DIR --port P)"),
+    "constitutional": ("rlhf.constitutional", "Constitutional AI: revise → SFT → AI preferences → DPO/PPO "
+                                              "(subcommands: revise, prefs, eval)"),
 }
 
 USAGE = """usage: rlhf <command> [--config FILE.yaml] [--key value ...]
@@ -80,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         import difflib
 
         close = difflib.get_close_matches(command, list(COMMANDS), n=1)
-        print(f"rlhf: unknown command '{command}'." + (f" Did you mean '{close[0]}'?" if close else ""), file=sys.stderr)
+        print(f"rlhf: unknown command '{command}'." + (f" Did you mean '{close[0]}'?" if close else ""),
+              file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     if positional and rest and not rest[0].startswith("-"):
         rest = [f"--{positional}", *rest]
     if "-h" in rest or "--help" in rest:
-        print(f"usage: rlhf {command} [--config FILE.yaml] [--key value ...]\n\n{COMMANDS[command.split()[0]][1]}\n\nkeys:")
+        print(f"usage: rlhf {command} [--config FILE.yaml] [--key value ...]\n\n"
+              f"{COMMANDS[command.split()[0]][1]}\n\nkeys:")
         print(cfg.describe(config_cls))
         if subcommands and " " not in command:
             print(f"\nsubcommands: {', '.join(subcommands)} (rlhf {command} SUBCOMMAND --help)")
@@ -110,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf {command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nrlhf {command}: interrupted; finished checkpoints are intact (each is written to a temp folder, then renamed)",
-              file=sys.stderr)
+        print(f"\nrlhf {command}: interrupted; finished checkpoints are intact (each is written to a temp folder, "
+              f"then renamed)", file=sys.stderr)
         return 130
     return 0
 

@@ -43,7 +43,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         if len(errors) > 1:  # bool | Literal["auto"]: say every accepted form
-            accepted = " or ".join(e.split(": expected ", 1)[1].split(", got ")[0] for e in errors if ": expected " in e)
+            accepted = " or ".join(e.split(": expected ", 1)[1].split(", got ")[0]
+                                   for e in errors if ": expected " in e)
             raise ConfigError(f"{where}: expected {accepted}, got {value!r}")
         raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
     if origin is list:
@@ -61,7 +62,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of its keys ({', '.join(_field_types(annotation))}), got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of its keys ({', '.join(_field_types(annotation))}), "
+                              f"got {value!r}")
         return build(annotation, value, where)
     if origin is typing.Literal:
         choices = typing.get_args(annotation)

@@ -36,13 +36,21 @@ from typing import Any
 
 from rlhf import config as cfg
 from rlhf import dpo, ppo, reward, sft, wiring
-from rlhf.data import (DataError, Messages, parse_prompt, prompt_for_output, read_prompts, read_records,
-                       resolve_data_path, write_jsonl)
-from rlhf.metrics import bootstrap_ci, is_refusal
-from rlhf.judges import EndpointSettings, JUDGE_SPECS, Comparison, make_judge, position_bias, preference_rows
-from rlhf.label import judge_all
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.data import (
+    DataError,
+    Messages,
+    parse_prompt,
+    prompt_for_output,
+    read_prompts,
+    read_records,
+    resolve_data_path,
+    write_jsonl,
+)
 from rlhf.hardware import Precision, pick_device, resolve_bf16
+from rlhf.judges import JUDGE_SPECS, Comparison, EndpointSettings, make_judge, position_bias, preference_rows
+from rlhf.label import judge_all
+from rlhf.metrics import bootstrap_ci, is_refusal
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rollout import sample
 from rlhf.tracking import say, seed_everything, table
 
@@ -135,7 +143,8 @@ def clean_revision(text: str) -> str:
 class Answerer:
     """A causal LM answering batches of conversations with fixed sampling settings."""
 
-    def __init__(self, model: str, device: str, bf16: Precision, max_new_tokens: int, temperature: float, batch_size: int):
+    def __init__(self, model: str, device: str, bf16: Precision, max_new_tokens: int, temperature: float,
+                 batch_size: int):
         self.path = resolve_model_path(model)
         self.tokenizer = load_tokenizer(self.path)
         self.model = load_causal_lm(self.path, pick_device(device), trainable=False)
@@ -274,7 +283,8 @@ def prefs(config: PrefsConfig) -> dict:
     # 3. the judge: P(first is better) under that principle, or no label and why
     judge = make_judge(config.judge or f"local:{config.model}", device=config.device, bf16=config.bf16,
                        seed=config.seed, endpoint=config.endpoint)
-    say(f"[prefs] {len(comparisons)} pairs from {len(prompts)} prompts ({identical} identical skipped); judge {judge.name}")
+    say(f"[prefs] {len(comparisons)} pairs from {len(prompts)} prompts ({identical} identical skipped); "
+        f"judge {judge.name}")
     judgements = judge_all(judge, comparisons)
 
     # 4. preference pairs for `rlhf dpo` / `rlhf reward`, each with its principle and confidence
@@ -287,7 +297,8 @@ def prefs(config: PrefsConfig) -> dict:
                "mean_confidence": sum(r["confidence"] for r in rows) / len(rows) if rows else float("nan"),
                "file": str(path), "seconds": round(time.time() - started, 1)}
     write_jsonl(out / "summary.jsonl", [summary])
-    bias_text = f"; position bias {bias['bias']:+.3f}, orders agree on {bias['consistency']:.0%}" if bias["pairs"] else ""
+    bias_text = (f"; position bias {bias['bias']:+.3f}, orders agree on {bias['consistency']:.0%}"
+                 if bias["pairs"] else "")
     say(f"[prefs] {len(rows)}/{len(comparisons)} pairs labelled (mean confidence {summary['mean_confidence']:.3f}"
         f"{bias_text}); wrote {path} ({summary['seconds']} s)")
     return summary
@@ -332,18 +343,21 @@ def evaluate_safety(config: EvalConfig, names: dict[str, str] | None = None) -> 
     # 2. every model answers every prompt with the same seed; refusals are found by phrase matching
     rows, answers = [], {}
     for model in config.models:
-        answer = Answerer(model, config.device, config.bf16, config.max_new_tokens, config.temperature, config.batch_size)
+        answer = Answerer(model, config.device, config.bf16, config.max_new_tokens, config.temperature,
+                          config.batch_size)
         seed_everything(config.seed)  # after loading: every model samples from the same random state
         answers[model] = answer(prompts)
         refused = [is_refusal(a) for a in answers[model]]
         rows.append({"model": model,
                      "refusal_harmful": rate([r for r, h in zip(refused, harmful) if h], config.seed),
                      "helpful_benign": rate([bool(a.strip()) and not r
-                                             for a, r, h in zip(answers[model], refused, harmful) if not h], config.seed)})
+                                             for a, r, h in zip(answers[model], refused, harmful) if not h],
+                                            config.seed)})
 
     # 3. results, samples and a table
     examples = [{"prompt": prompt_for_output(prompts[i]), "harmful": harmful[i],
-                 **{names.get(m, m): answers[m][i] for m in config.models}} for i in range(min(config.examples, len(prompts)))]
+                 **{names.get(m, m): answers[m][i] for m in config.models}}
+                for i in range(min(config.examples, len(prompts)))]
     result = {"prompts": len(prompts), "harmful": sum(harmful), "benign": len(harmful) - sum(harmful), "rows": rows,
               "examples": examples, "refusal_detection": "phrase matching (rlhf.evaluate.is_refusal)",
               "seconds": round(time.time() - started, 1)}
@@ -387,7 +401,8 @@ class Config:
     judge: str = cfg.field("", f"who labels the preferences: '' = the SFT model itself, or {JUDGE_SPECS}")
     method: str = cfg.field("dpo", "how the AI preferences train the policy: dpo, or ppo (a reward model, then PPO)")
     device: str = cfg.field("auto", "cpu, cuda or auto (every step)")
-    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false (every stage)")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false "
+                                        "(every stage)")
     seed: int = cfg.field(0, "random seed (every step)")
     revise: dict = cfg.field({}, "settings of the revision step (see `rlhf constitutional revise --help`)")
     sft: dict = cfg.field({}, "settings of SFT on the revisions (see `rlhf sft --help`)")
@@ -415,7 +430,8 @@ def stage_configs(config: Config) -> dict[str, Any]:
         "dpo": (dpo.Config, {}, {"model": sft_dir, "data": pairs, "output_dir": str(run / "dpo")}),
         "reward": (reward.Config, {}, {"model": sft_dir, "data": pairs, "output_dir": str(run / "reward")}),
         "ppo": (ppo.Config, {"gold": False}, {"policy": sft_dir, "reward_model": str(run / "reward"),
-                                              "data": str(resolve_prompts(config.prompts)), "output_dir": str(run / "ppo")}),
+                                              "data": str(resolve_prompts(config.prompts)),
+                                              "output_dir": str(run / "ppo")}),
         "eval": (EvalConfig, {}, {"models": [config.model, sft_dir, str(run / config.method)],
                                   "data": config.eval_prompts, "output_dir": str(run / "eval")}),
     }

@@ -118,7 +118,8 @@ def _require(record: Record, field: str, kind: str) -> Any:
     if field not in record.data or record.data[field] is None:
         present = ", ".join(sorted(record.data)) or "none"
         raise DataError(
-            f"{record.where(field)}: missing field '{field}' (fields present: {present}). Accepted {kind}: {FORMATS[kind]}"
+            f"{record.where(field)}: missing field '{field}' (fields present: {present}). "
+            f"Accepted {kind}: {FORMATS[kind]}"
         )
     return record.data[field]
 
@@ -154,10 +155,12 @@ def parse_demonstration(record: Record) -> tuple[Messages, str]:
     if "prompt" not in record.data:
         raise DataError(
             f"{record.where()}: neither 'messages' nor 'prompt'/'completion' found "
-            f"(fields present: {', '.join(sorted(record.data)) or 'none'}). Accepted demonstrations: {FORMATS['demonstrations']}"
+            f"(fields present: {', '.join(sorted(record.data)) or 'none'}). "
+            f"Accepted demonstrations: {FORMATS['demonstrations']}"
         )
     prompt = _messages(record.data["prompt"], record, "prompt", "demonstrations")
-    completion = _response_text(_require(record, "completion", "demonstrations"), record, "completion", "demonstrations")
+    completion = _response_text(_require(record, "completion", "demonstrations"), record, "completion",
+                                "demonstrations")
     return prompt, completion
 
 
@@ -288,7 +291,8 @@ class LengthPolicy:
             self.skipped += 1
             return None
         self.truncated += 1
-        last = max(i for i, m in enumerate(messages) if m["role"] == "user") if any(m["role"] == "user" for m in messages) else len(messages) - 1
+        last = (max(i for i, m in enumerate(messages) if m["role"] == "user")
+                if any(m["role"] == "user" for m in messages) else len(messages) - 1)
         content_ids = tokenizer(messages[last]["content"], add_special_tokens=False)["input_ids"]
         overflow = len(ids) - self.max_length
         keep = content_ids[overflow:] if overflow < len(content_ids) else []
@@ -308,7 +312,8 @@ class LengthPolicy:
         return ids[-self.max_length:]
 
 
-def fit_prompts(tokenizer, prompts: list[Messages], max_length: int, truncation: str) -> tuple[list[Messages], LengthPolicy]:
+def fit_prompts(tokenizer, prompts: list[Messages], max_length: int,
+                truncation: str) -> tuple[list[Messages], LengthPolicy]:
     """Prompts fitted for generation at `max_length` tokens (cut from the left or skipped, by `truncation`) → (the
     prompts kept, the LengthPolicy that counted what it truncated and skipped)."""
     lengths = LengthPolicy(max_length, truncation)

@@ -29,12 +29,28 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import config as cfg
-from rlhf import fast
-from rlhf import losses
-from rlhf.data import (read_usable_preferences, LengthPolicy, encode_prompt, encode_response, next_batch, resolve_data_path)
-from rlhf.models import (adapter_disabled, answer_logprobs, add_lora, count_parameters, load_causal_lm,
-                        load_tokenizer, merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic)
+from rlhf import fast, losses
+from rlhf.data import (
+    LengthPolicy,
+    encode_prompt,
+    encode_response,
+    next_batch,
+    read_usable_preferences,
+    resolve_data_path,
+)
 from rlhf.hardware import Precision, pick_device, resolve_bf16
+from rlhf.models import (
+    adapter_disabled,
+    add_lora,
+    answer_logprobs,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    merged_for_saving,
+    optimizer_and_schedule,
+    resolve_model_path,
+    save_atomic,
+)
 from rlhf.ops import masked_sum
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
@@ -43,9 +59,12 @@ Pair = tuple[list[int], list[int], list[int]]  # prompt ids, chosen ids, rejecte
 
 @dataclass
 class Config:
-    model: str = cfg.field("default", "the SFT model the policy starts from: a folder, 'default' (embedded SmolLM2) or 'tiny'")
-    reference: str = cfg.field("", "the frozen reference model ('' = the same as model; with LoRA, the adapter switched off)")
-    data: str = cfg.field("runs/pairs/pairs.jsonl", "preference pairs (prompt, chosen, rejected; strings or message lists)")
+    model: str = cfg.field("default", "the SFT model the policy starts from: a folder, 'default' (embedded SmolLM2) or "
+                                      "'tiny'")
+    reference: str = cfg.field("", "the frozen reference model ('' = the same as model; with LoRA, the adapter "
+                                   "switched off)")
+    data: str = cfg.field("runs/pairs/pairs.jsonl", "preference pairs (prompt, chosen, rejected; strings or message "
+                                                    "lists)")
     output_dir: str = cfg.field("runs/dpo", "where the trained policy is written")
     loss: str = cfg.field("dpo", "dpo, ipo, cdpo (label smoothing) or simpo (reference-free)")
     beta: float = cfg.field(0.1, "β of dpo, ipo (its τ) and cdpo: how far the policy may move from the reference")
@@ -61,7 +80,8 @@ class Config:
     warmup_ratio: float = cfg.field(0.1, "fraction of steps warming the learning rate up")
     max_length: int = cfg.field(256, "longest prompt+answer in tokens")
     truncation: str = cfg.field("truncate", "longer pairs: truncate or skip")
-    precompute_reference: bool = cfg.field(False, "compute reference log-probs for every pair before training, then free the reference")
+    precompute_reference: bool = cfg.field(False, "compute reference log-probs for every pair before training, then "
+                                                  "free the reference")
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
     bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
@@ -71,7 +91,8 @@ class Config:
     seed: int = cfg.field(0, "random seed")
 
 
-def pair_logprobs(model, batch: list[Pair], pad_id: int, device: torch.device, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(model, batch: list[Pair], pad_id: int, device: torch.device,
+                  bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs (2B,) of each pair's answers given the prompt, and their token counts (2B,).
 
     The B chosen first, then the B rejected, from ONE forward pass over the 2B right-padded sequences.
@@ -135,7 +156,8 @@ def main(config: Config) -> dict:
 
 
 def training(config: Config) -> Generator[dict, None, dict]:
-    """The stage, steppable: set up, then yield after each optimiser step; at the end evaluate, save, return the summary.
+    """The stage, steppable: set up, then yield after each optimiser step; at the end evaluate, save, return the
+    summary.
 
     Each yield is that step's logged metrics and `batch_tokens`, the real (non-pad) tokens of the batch's
     2B prompt + answer sequences. `main` runs it to the end; a benchmark can time it step by step.
@@ -206,7 +228,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            say(f"[dpo] reference log-probs precomputed for {len(pairs)} pairs" + ("; reference model freed" if freed else ""))
+            say(f"[dpo] reference log-probs precomputed for {len(pairs)} pairs"
+                + ("; reference model freed" if freed else ""))
 
     # 4. train: chosen and rejected in one forward pass; the reference's log-probs without gradient
     steps = max(1, round(len(train_pairs) / config.batch_size * config.epochs))
@@ -225,7 +248,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
         if train_ref is not None:
             ref = train_ref[index].T.reshape(-1).to(device)  # (2B,): chosen then rejected
         elif needs_reference:
-            ref = reference_logprobs(reference, policy, batch, pad_id, device, bf16, len(batch)).T.reshape(-1).to(device)
+            ref = reference_logprobs(reference, policy, batch, pad_id, device, bf16,
+                                     len(batch)).T.reshape(-1).to(device)
         logprobs, n_tokens = pair_logprobs(policy, batch, pad_id, device, bf16)
         loss, stats = loss_fn(logprobs, n_tokens, ref)
         loss.backward()

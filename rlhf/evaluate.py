@@ -35,7 +35,8 @@ class Config:
     judge: str = cfg.field("gold", "the gold judge: 'gold' (the built-in simulated annotator), a reward-model folder "
                                       "(or reward:DIR), or '' / 'none'")
     data: str = cfg.field("builtin:prompts_heldout", "held-out prompts file or builtin:prompts_heldout")
-    harmful_prompts: str = cfg.field("builtin:harmful_prompts", "requests a model should decline; the refusal rate is reported ('' or 'none' = skip)")
+    harmful_prompts: str = cfg.field("builtin:harmful_prompts", "requests a model should decline; the refusal rate is "
+                                                                "reported ('' or 'none' = skip)")
     output_dir: str = cfg.field("runs/eval", "where results.json and samples.jsonl are written")
     max_prompts: int = cfg.field(0, "use only the first N prompts (0 = all)")
     max_new_tokens: int = cfg.field(64, "longest response in tokens")
@@ -57,7 +58,8 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     if config.max_prompts:
         prompts = prompts[: config.max_prompts]
     questions = [prompt_text(p) for p in prompts]
-    harmful = read_prompts(resolve_data_path(config.harmful_prompts)) if config.harmful_prompts not in ("", "none") else []
+    harmful = (read_prompts(resolve_data_path(config.harmful_prompts))
+               if config.harmful_prompts not in ("", "none") else [])
     judge = load_judge(config.judge, device, bf16)
     reward = load_reward_scorer(config.reward_model, device, bf16) if config.reward_model else None
     reference_path = resolve_model_path(config.reference or config.models[0])
@@ -106,8 +108,9 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
 
     # 4. results.json, every answer in samples.jsonl (harmful ones apart), and the table
     scored = [k for k in ("gold", "reward_model") if k in scores[baseline]]
-    examples = [{"prompt": questions[i], **{name: {"response": answers[name][i], **{k: round(scores[name][k][i], 3) for k in scored}}
-                                            for name in config.models}}
+    examples = [{"prompt": questions[i],
+                 **{name: {"response": answers[name][i], **{k: round(scores[name][k][i], 3) for k in scored}}
+                    for name in config.models}}
                 for i in range(min(config.examples, len(prompts)))]
     result = {"prompts": len(prompts), "baseline": baseline, "judge": config.judge, "win_by": win_by,
               "reward_model": config.reward_model, "harmful_prompts": len(harmful), "rows": rows, "examples": examples,
@@ -121,7 +124,8 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
                                           **{f"{n}_{k}": scores[n][k][i] for n in config.models for k in scored}}
                                          for i, q in enumerate(questions)))
     if harmful:
-        write_jsonl(out / "harmful_samples.jsonl", ({"prompt": prompt_text(p), **{n: declined[n][i][0] for n in config.models},
+        write_jsonl(out / "harmful_samples.jsonl", ({"prompt": prompt_text(p),
+                                                      **{n: declined[n][i][0] for n in config.models},
                                                       **{f"{n}_refused": declined[n][i][1] for n in config.models}}
                                                      for i, p in enumerate(harmful)))
     say(format_result(result, names))

@@ -137,7 +137,8 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: '{requested}' asked for, but this machine has no CUDA device; use cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device: '{requested}' asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ValueError(f"device: '{requested}' asked for, but this machine has {torch.cuda.device_count()} "
+                         f"CUDA device(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device: '{requested}' is not supported; use cpu, cuda, cuda:N or auto")
     return device
@@ -153,18 +154,20 @@ def choose_bf16(requested: Precision, device_type: str, cpu: CpuInfo | None = No
             return True, "bf16 autocast on the GPU" + (" (bf16: auto)" if requested == "auto" else "")
         if requested == "auto":
             return False, "fp32: this GPU has no native bf16 (bf16: auto)"
-        return True, "bf16 autocast as asked (bf16: true), though this GPU has no native bf16: expect it slower than fp32"
+        return True, ("bf16 autocast as asked (bf16: true), though this GPU has no native bf16: expect it slower "
+                      "than fp32")
     cpu = cpu or cpu_info()
-    where = f"{cpu.model}, oneDNN ISA {cpu.onednn_isa or cpu.machine}" + (f" (capped by {cpu.onednn_cap})" if cpu.onednn_cap else "")
+    where = (f"{cpu.model}, oneDNN ISA {cpu.onednn_isa or cpu.machine}"
+             + (f" (capped by {cpu.onednn_cap})" if cpu.onednn_cap else ""))
     if cpu.native_bf16:
         unit = "AMX" if cpu.amx and _rank(cpu.onednn_isa) >= _rank("AVX10_1_512_AMX") else (
             "Arm BF16" if cpu.machine in ("aarch64", "arm64") else "AVX-512 BF16")
         return True, f"bf16 autocast: this CPU computes bf16 natively ({unit}; {where})"
     if requested == "auto":
-        return False, (f"fp32: this CPU has no native bf16 matmuls (no AMX or AVX-512 BF16 in use; {where}); bf16 would be "
-                       f"emulated and several times slower (bf16: auto)")
-    return True, (f"WARNING: bf16 autocast as asked (bf16: true), but this CPU has no native bf16 ({where}): bf16 matmuls "
-                  f"are emulated, several times slower than fp32; bf16: auto would pick fp32 here")
+        return False, (f"fp32: this CPU has no native bf16 matmuls (no AMX or AVX-512 BF16 in use; {where}); bf16 "
+                       f"would be emulated and several times slower (bf16: auto)")
+    return True, (f"WARNING: bf16 autocast as asked (bf16: true), but this CPU has no native bf16 ({where}): bf16 "
+                  f"matmuls are emulated, several times slower than fp32; bf16: auto would pick fp32 here")
 
 
 @functools.cache

@@ -44,11 +44,24 @@ from typing import Any, Protocol
 import torch
 
 from rlhf import config as cfg
-from rlhf.data import (Messages, encode_conversation, encode_prompt, pad_left, position_ids_from_mask,
-                       prompt_for_output, prompt_text)
-from rlhf.models import (cache_dir, load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path,
-                        score_sequences)
+from rlhf.data import (
+    Messages,
+    encode_conversation,
+    encode_prompt,
+    pad_left,
+    position_ids_from_mask,
+    prompt_for_output,
+    prompt_text,
+)
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
+from rlhf.models import (
+    cache_dir,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    resolve_model_path,
+    score_sequences,
+)
 
 DEFAULT_QUESTION = "Which response is more helpful, honest and harmless?"
 LABELS = ("A", "B")
@@ -136,7 +149,8 @@ def average_orders(p_label_a: list[float | None], texts: list[str] | None = None
 def single_token_id(tokenizer, text: str) -> int:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"the judge needs the label '{text}' to be one token of its tokenizer; it is {len(ids)}: {ids}")
+        raise ValueError(f"the judge needs the label '{text}' to be one token of its tokenizer; "
+                         f"it is {len(ids)}: {ids}")
     return ids[0]
 
 
@@ -148,7 +162,8 @@ class LocalJudge:
         path = resolve_model_path(model)
         self.name = f"local:{model}"
         self.device = pick_device(device)
-        self.bf16, self.batch_size, self.max_response_tokens = resolve_bf16(bf16, self.device), batch_size, max_response_tokens
+        self.bf16, self.batch_size, self.max_response_tokens = (resolve_bf16(bf16, self.device), batch_size,
+                                                                max_response_tokens)
         self.tokenizer = load_tokenizer(path)
         self.model = load_causal_lm(path, self.device, trainable=False)
         self.label_ids = [single_token_id(self.tokenizer, label) for label in LABELS]
@@ -353,7 +368,8 @@ class EndpointJudge:
         if self.logprobs:
             body.update(logprobs=True, top_logprobs=self.top_logprobs)
         data, error = self.post(body)
-        if error in ("http 400", "http 422") and self.logprobs:  # some servers refuse logprobs: ask again for the answer only
+        # some servers refuse logprobs: ask again for the answer only
+        if error in ("http 400", "http 422") and self.logprobs:
             self.logprobs = False
             body = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
             data, error = self.post(body)

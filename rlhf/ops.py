@@ -62,8 +62,8 @@ class _LabelLogprob(torch.autograd.Function):
     Plain autograd would keep every upcast chunk alive until backward; here forward keeps nothing but its inputs
     and backward rebuilds the softmax one chunk at a time:
     d logp / d logits = (onehot(label) - softmax(logits / T)) / T.
-    Each chunk goes through the fused `log_softmax` / `softmax` kernels: forward 30 → 17 ms and forward + backward
-    106 → 68 ms against logsumexp and exp written out (PPO's policy, 8 x 49 positions x 49,152, bf16 logits).
+    Each chunk goes through the fused `log_softmax` / `softmax` kernels, faster than logsumexp and exp written
+    out (bench/README.md, "Why each speed path exists").
     """
 
     @staticmethod
@@ -154,8 +154,7 @@ def entropy_from_logits(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     out = torch.empty(logits.shape[:-1].numel(), dtype=torch.float32, device=logits.device)
     for rows, chunk in _row_chunks(logits):
-        # one fused log_softmax and a row-wise dot: 122 → 65 ms on PPO's policy logits (8 x 49 x 49,152 bf16)
-        # against logsumexp, exp and a masked product written out
+        # one fused log_softmax and a row-wise dot: about twice as fast as logsumexp, exp and a masked product
         out[rows] = _entropy_from_log_probs(torch.log_softmax(_upcast_scaled(chunk, temperature), dim=-1))
     return _zero_outside(out.view(logits.shape[:-1]), mask)
 

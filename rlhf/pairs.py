@@ -17,8 +17,8 @@ from pathlib import Path
 
 from rlhf import config as cfg
 from rlhf.data import prompt_for_output, prompt_text, read_prompts, resolve_data_path, write_jsonl
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.hardware import Precision, pick_device, resolve_bf16
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rollout import sample
 from rlhf.tracking import say, seed_everything
 
@@ -33,7 +33,8 @@ class Config:
     max_new_tokens: int = cfg.field(64, "longest response in tokens")
     temperature: float = cfg.field(1.0, "sampling temperature (diverse answers make informative pairs)")
     annotator: str = cfg.field("simulated", "who chooses: simulated, or none to write unlabelled candidates")
-    annotator_noise: float = cfg.field(0.1, "label noise of the simulated annotator (Bradley–Terry temperature on the gold score)")
+    annotator_noise: float = cfg.field(0.1, "label noise of the simulated annotator (Bradley–Terry temperature on the "
+                                            "gold score)")
     batch_size: int = cfg.field(64, "prompts sampled at once")
     bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     device: str = cfg.field("auto", "cpu, cuda or auto")
@@ -70,7 +71,8 @@ def main(config: Config) -> dict:
 
     # 3. unlabelled candidates for people, or the simulated annotator's choices
     if config.annotator == "none":
-        path = write_jsonl(out / "candidates.jsonl", ({"prompt": prompt_for_output(p), "responses": a} for p, a in zip(prompts, answers)))
+        path = write_jsonl(out / "candidates.jsonl",
+                           ({"prompt": prompt_for_output(p), "responses": a} for p, a in zip(prompts, answers)))
         summary = {"stage": "pairs", "candidates": len(prompts), "file": str(path)}
     else:
         from rlhf.annotators import SimulatedAnnotator

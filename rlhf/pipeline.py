@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import config as cfg
-from rlhf.hardware import Precision
 from rlhf import dpo, evaluate, pairs, ppo, reward, sft, wiring
+from rlhf.hardware import Precision
 from rlhf.results import format_result
 from rlhf.tracking import say
 
@@ -35,7 +35,8 @@ class Config:
     prompts: str = cfg.field("builtin:prompts_train", "prompts for the preference pairs and for PPO")
     eval_prompts: str = cfg.field("builtin:prompts_heldout", "held-out prompts for the final evaluation")
     device: str = cfg.field("auto", "cpu, cuda or auto (every stage)")
-    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false (every stage)")
+    bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false "
+                                        "(every stage)")
     seed: int = cfg.field(0, "random seed (every stage)")
     method: str = cfg.field("ppo", "the road from the pairs: ppo (reward model + PPO), dpo, or both")
     sft: dict = cfg.field({}, "settings of the SFT stage (see `rlhf sft --help`)")
@@ -56,7 +57,8 @@ def stage_configs(config: Config) -> dict[str, Any]:
     wiring_of = {
         "sft": {"model": config.model, "data": config.data, "output_dir": str(run / "sft")},
         "pairs": {"model": str(run / "sft"), "data": config.prompts, "output_dir": str(run / "pairs")},
-        "reward": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "reward")},
+        "reward": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"),
+                   "output_dir": str(run / "reward")},
         "ppo": {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": config.prompts,
                 "output_dir": str(run / "ppo")},
         "dpo": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "dpo")},

@@ -29,12 +29,33 @@ import torch
 from rlhf import config as cfg
 from rlhf import fast, losses
 from rlhf.annotators import SimulatedAnnotator
-from rlhf.data import (Messages, encode_conversation, fit_prompts, next_batch, position_ids_from_mask, prompt_text,
-                       read_prompts, resolve_data_path, write_jsonl)
+from rlhf.data import (
+    Messages,
+    encode_conversation,
+    fit_prompts,
+    next_batch,
+    position_ids_from_mask,
+    prompt_text,
+    read_prompts,
+    resolve_data_path,
+    write_jsonl,
+)
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
-from rlhf.models import (adapter_disabled, add_lora, count_parameters, forward_logits, load_causal_lm,
-                         load_reward_model, load_reward_normalisation, load_tokenizer, merged_for_saving,
-                         optimizer_and_schedule, resolve_model_path, save_atomic, score_sequences)
+from rlhf.models import (
+    adapter_disabled,
+    add_lora,
+    count_parameters,
+    forward_logits,
+    load_causal_lm,
+    load_reward_model,
+    load_reward_normalisation,
+    load_tokenizer,
+    merged_for_saving,
+    optimizer_and_schedule,
+    resolve_model_path,
+    save_atomic,
+    score_sequences,
+)
 from rlhf.monitor import ppo_monitor
 from rlhf.ops import logprobs_and_entropy_from_logits, logprobs_from_logits, masked_mean, whiten
 from rlhf.rollout import Rollout, sample
@@ -69,8 +90,8 @@ class Config:
     vf_coef: float = cfg.field(0.1, "value loss coefficient")
     normalize_reward: bool = cfg.field(True, "normalise scores to ~N(0,1) on reference samples (from the reward stage)")
     missing_eos_penalty: float = cfg.field(1.0, "subtracted from the score of a response that never ends")
-    critic: str = cfg.field("head", "the value function: 'head' (a linear head on the policy, one forward pass) or 'model' "
-                                    "(a separate critic started from the reward model, trained at value_lr)")
+    critic: str = cfg.field("head", "the value function: 'head' (a linear head on the policy, one forward pass) or "
+                                    "'model' (a separate critic started from the reward model, trained at value_lr)")
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
     gold: bool = cfg.field(True, "also score rollouts with the built-in gold annotator, for logging only")
@@ -78,23 +99,28 @@ class Config:
                                       "last) with the judge and the reward model, for logging only (0 = off)")
     monitor_prompts: str = cfg.field("builtin:prompts_heldout", "the monitor's held-out prompts")
     monitor_size: int = cfg.field(32, "how many of them the monitor uses (the first N)")
-    monitor_judge: str = cfg.field("gold", "the monitor's judge: 'gold' (the built-in simulated annotator) or a reward-model folder")
-    monitor_window: int = cfg.field(3, "warn when the reward model's score rose at each of the last N checks while the gold score fell")
-    monitor_length_drift: float = cfg.field(0.5, "warn when the mean answer length moves more than this share from the first check")
-    monitor_distinct_drift: float = cfg.field(0.15, "warn when distinct-2 falls more than this share from the first check")
+    monitor_judge: str = cfg.field("gold", "the monitor's judge: 'gold' (the built-in simulated annotator) or a "
+                                           "reward-model folder")
+    monitor_window: int = cfg.field(3, "warn when the reward model's score rose at each of the last N checks while the "
+                                       "gold score fell")
+    monitor_length_drift: float = cfg.field(0.5, "warn when the mean answer length moves more than this share from the "
+                                                 "first check")
+    monitor_distinct_drift: float = cfg.field(0.15, "warn when distinct-2 falls more than this share from the first "
+                                                    "check")
     sample_every: int = cfg.field(5, "write sample responses every N steps")
     generation_batch_size: int = cfg.field(64, "prompts sampled at once")
-    reuse_rollout_forward: bool = cfg.field(True, "with ppo_epochs 1 and mini_batch_size = batch_size, the update reuses "
-                                                  "the rollout's forward pass instead of a second one (same result)")
-    side_by_side: bool = cfg.field(True, "CPU with critic: model: run the policy's and the critic's backward passes at once, "
-                                         "each on half the cores (same gradients; faster where one model's matmuls do not "
-                                         "fill the cores)")
+    reuse_rollout_forward: bool = cfg.field(True, "with ppo_epochs 1 and mini_batch_size = batch_size, the update "
+                                                  "reuses the rollout's forward pass instead of a second one "
+                                                  "(same result)")
+    side_by_side: bool = cfg.field(True, "CPU with critic: model: run the policy's and the critic's backward passes at "
+                                         "once, each on half the cores (same gradients; faster where one model's "
+                                         "matmuls do not fill the cores)")
     bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (and, with "
                                      "compile_decode, the rollout's decode step as one graph): faster steps after a "
                                      "one-off compile; needs a C++ compiler")
-    compile_decode: bool = cfg.field(True, "with compile: sampling's decode step compiled too (one more compile, ~20 s, "
-                                           "per batch size and cache-length bucket)")
+    compile_decode: bool = cfg.field(True, "with compile: sampling's decode step compiled too (one more compile, "
+                                           "~20 s, per batch size and cache-length bucket)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
 
@@ -221,7 +247,8 @@ def check(config: Config) -> None:
     if config.kl_estimator not in ("k1", "k3"):
         raise ValueError(f"kl_estimator must be 'k1' or 'k3', got '{config.kl_estimator}'")
     if config.batch_size % config.mini_batch_size:
-        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size ({config.mini_batch_size})")
+        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size "
+                         f"({config.mini_batch_size})")
 
 
 def training_prompts(config: Config, tokenizer) -> list[Messages]:
@@ -263,7 +290,8 @@ def training(config: Config) -> Iterator[dict]:
     optimizer, schedule, policy_parameters, critic_parameters = models.optimiser(config)
     # one epoch over one mini-batch: the update's forward pass is the rollout's own (the policy has not changed
     # in between), so its graph is kept and nothing runs twice
-    reuse_forward = config.reuse_rollout_forward and config.ppo_epochs == 1 and config.mini_batch_size == config.batch_size
+    reuse_forward = (config.reuse_rollout_forward and config.ppo_epochs == 1
+                     and config.mini_batch_size == config.batch_size)
     # a separate critic's backward beside the policy's, a share of the cores each (`rlhf.fast.lanes`)
     lanes = fast.SideBySide(config.side_by_side and device.type == "cpu") if models.critic is not None else None
     beta, rng, order, samples, history = config.beta, random.Random(config.seed), [], [], []
@@ -323,7 +351,8 @@ def training(config: Config) -> Iterator[dict]:
         # 6. adaptive β (Ziegler et al.): move β so the per-response KL tracks the target
         kl_per_response = kl.sum(1).mean().item()
         if config.target_kl > 0:
-            beta = losses.adaptive_kl_beta(beta, kl_per_response, config.target_kl, config.batch_size, config.kl_horizon)
+            beta = losses.adaptive_kl_beta(beta, kl_per_response, config.target_kl, config.batch_size,
+                                           config.kl_horizon)
 
         # 7. log (the gold score and the monitor only log: neither reaches the loss) and keep a few samples
         metrics = {
@@ -339,7 +368,8 @@ def training(config: Config) -> Iterator[dict]:
         metrics.update({"gold_score": sum(gold_scores) / len(gold_scores)} if gold_scores else {})
         row = log.log(step, {**metrics, **monitor(policy, tokenizer, step)})
         history.append(row)
-        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}", gold=f"{row.get('gold_score', float('nan')):.3f}")
+        bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}",
+                        gold=f"{row.get('gold_score', float('nan')):.3f}")
         if step % config.sample_every == 0 or step == config.steps - 1:
             samples += first_samples(step, batch_prompts, rollout.texts, scores, gold_scores)
         yield row

@@ -68,12 +68,14 @@ def data_uri(png: bytes) -> str:
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+    points = [(r["step"], r[key]) for r in rows
+              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
 def plot_stage(stage: str, rows: list[dict]) -> bytes:
-    """Every numeric metric of a stage over its steps, one small panel each (sparse ones, like the monitor's, as dots)."""
+    """Every numeric metric of a stage over its steps, one small panel each (sparse ones, like the monitor's, as
+    dots)."""
     numeric = {k for r in rows for k, v in r.items()
                if k not in SKIPPED_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
     keys = [k for k in FIRST_METRICS if k in numeric] + sorted(numeric - set(FIRST_METRICS))
@@ -109,7 +111,8 @@ def plot_reward_vs_gold(rows: list[dict]) -> bytes | None:
             steps, values = series(rows, key)
             target = ax.twinx() if key in ("beta", "monitor/distinct2") else ax  # a different scale: its own axis
             held_out = key.startswith("monitor/")
-            target.plot(steps, values, "o-" if held_out else "-", color=f"C{n}", markersize=5, linewidth=2 if held_out else 1.2,
+            target.plot(steps, values, "o-" if held_out else "-", color=f"C{n}", markersize=5,
+                        linewidth=2 if held_out else 1.2,
                         label=("held-out monitor: " if held_out else "training batch: ") + key)
             target.tick_params(labelsize=8)
             if target is not ax:
@@ -128,8 +131,8 @@ def plot_reward_vs_gold(rows: list[dict]) -> bytes | None:
 def plot_eval(result: dict, names: dict[str, str]) -> bytes:
     """The held-out evaluation as bars, one panel per measure, 95% intervals as error bars where there are some."""
     measures = [("gold", "gold score"), ("reward_model", "reward model score"), ("win_rate", "win rate vs baseline"),
-                ("kl_to_reference", "KL to reference"), ("length_tokens", "length (tokens)"), ("distinct2", "distinct-2"),
-                ("refusal_harmful", "refused harmful requests")]
+                ("kl_to_reference", "KL to reference"), ("length_tokens", "length (tokens)"),
+                ("distinct2", "distinct-2"), ("refusal_harmful", "refused harmful requests")]
     rows = result["rows"]
     measures = [(key, title) for key, title in measures if any(key in r for r in rows)]
     figure, axes = new_figure(len(measures), columns=4, size=(3.2, 2.6))
@@ -191,7 +194,8 @@ def scores_note(row: dict, model: str) -> str:
 
 def side_by_side(rows: list[dict], models: list[str], names: dict[str, str], limit: int) -> str:
     return html_table(["prompt"] + [names.get(m, m) for m in models],
-                      [[row["prompt"]] + [(row.get(m, ""), scores_note(row, m)) for m in models] for row in rows[:limit]],
+                      [[row["prompt"]] + [(row.get(m, ""), scores_note(row, m)) for m in models]
+                       for row in rows[:limit]],
                       css="samples")
 
 
@@ -206,14 +210,16 @@ def over_steps(samples: list[dict]) -> str:
         cells = []
         for step in steps:
             s = answers.get(step)
-            note = ", ".join(f"{k} {s[k]:.3f}" for k in ("gold", "reward_model", "score") if isinstance(s.get(k), (int, float))) if s else ""
+            note = ", ".join(f"{k} {s[k]:.3f}" for k in ("gold", "reward_model", "score")
+                             if isinstance(s.get(k), (int, float))) if s else ""
             cells.append((s["response"], note) if s else "")
         rows.append([prompt] + cells)
     return html_table(["prompt"] + [f"step {s}" for s in steps], rows, css="samples")
 
 
 STYLE = """
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1500px; padding: 0 1em; color: #222; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1500px;
+       padding: 0 1em; color: #222; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 .meta, .note { color: #666; font-size: 0.85em; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
@@ -241,13 +247,14 @@ def build_page(run: Path, samples: int) -> tuple[str, int]:
     alarms = [(r["step"], text) for stage in logs.values() for r in stage[0] for text in r.get("monitor/warnings", [])]
     checks = sum(1 for stage in logs.values() for r in stage[0] if "monitor/warning" in r)
     if alarms:
-        body = "".join(f'<div class="alarm"><b>WARNING at step {esc(step)}:</b> {esc(text)}</div>' for step, text in alarms)
+        body = "".join(f'<div class="alarm"><b>WARNING at step {esc(step)}:</b> {esc(text)}</div>'
+                       for step, text in alarms)
         sections.append(("monitor", "Reward-hacking monitor", body))
     elif checks:
         sections.append(("monitor", "Reward-hacking monitor",
-                         f'<div class="calm">No alarm in {checks} checks of the held-out batch (the monitor warns when the '
-                         f'reward model\'s score keeps rising while the gold score falls, or when length or repetition '
-                         f'drift).</div>'))
+                         f'<div class="calm">No alarm in {checks} checks of the held-out batch (the monitor warns '
+                         f'when the reward model\'s score keeps rising while the gold score falls, or when length or '
+                         f'repetition drift).</div>'))
 
     # 2. the before/after table and its picture
     if result:
@@ -259,21 +266,25 @@ def build_page(run: Path, samples: int) -> tuple[str, int]:
         sections.append(("eval", "Before and after", body))
 
     # 3. reward model vs gold over PPO's steps, then every stage's curves
-    for stage, (rows, runs) in logs.items():
+    for stage, (rows, _) in logs.items():
         png = plot_reward_vs_gold(rows)
         if png:
-            sections.append((f"{stage}-gold", f"{stage}: reward model vs gold", image(png, f"{stage} reward model vs gold")))
+            sections.append((f"{stage}-gold", f"{stage}: reward model vs gold",
+                             image(png, f"{stage} reward model vs gold")))
             images += 1
     for stage, (rows, runs) in logs.items():
-        note = f'<p class="meta">{len(rows)} logged steps' + (f"; the log holds {runs} runs, this is the last" if runs > 1 else "") + "</p>"
-        sections.append((f"{stage}-curves", f"{stage}: curves", note + image(plot_stage(stage, rows), f"{stage} curves")))
+        note = (f'<p class="meta">{len(rows)} logged steps'
+                + (f"; the log holds {runs} runs, this is the last" if runs > 1 else "") + "</p>")
+        sections.append((f"{stage}-curves", f"{stage}: curves",
+                         note + image(plot_stage(stage, rows), f"{stage} curves")))
         images += 1
 
     # 4. the KL sweep, if `rlhf study kl-sweep` ran on this folder
     sweep = run / "sweep" / "sweep.json"
     if sweep.is_file() and (run / "sweep" / "sweep.png").is_file():
         data = json.loads(sweep.read_text())
-        body = html_table(list(data["table"][0]), [list(r.values()) for r in data["table"]]) if data.get("table") else ""
+        body = (html_table(list(data["table"][0]), [list(r.values()) for r in data["table"]])
+                if data.get("table") else "")
         body += image((run / "sweep" / "sweep.png").read_bytes(), "KL sweep")
         images += 1
         sections.append(("sweep", "KL sweep: gold and reward-model score against KL", body))
@@ -285,7 +296,8 @@ def build_page(run: Path, samples: int) -> tuple[str, int]:
         sections.append(("samples", "Held-out answers side by side", side_by_side(held_out, models, names, samples)))
     harmful = read_jsonl(run / "eval" / "harmful_samples.jsonl")
     if harmful and models:
-        sections.append(("harmful", "Harmful requests (a model should decline)", side_by_side(harmful, models, names, len(harmful))))
+        sections.append(("harmful", "Harmful requests (a model should decline)",
+                         side_by_side(harmful, models, names, len(harmful))))
     for stage in logs:
         for file, title in (("monitor_samples.jsonl", "the monitor's held-out prompts over steps"),
                             ("samples.jsonl", "training answers over steps")):
@@ -297,14 +309,17 @@ def build_page(run: Path, samples: int) -> tuple[str, int]:
     details = ""
     for marker in sorted((run / "stages").glob("*.json")):
         summary = json.loads(marker.read_text()).get("result")
-        details += f"<details><summary>{esc(marker.stem)}</summary><pre>{esc(json.dumps(summary, indent=2, default=str))}</pre></details>"
+        details += (f"<details><summary>{esc(marker.stem)}</summary>"
+                    f"<pre>{esc(json.dumps(summary, indent=2, default=str))}</pre></details>")
     if (run / "config.yaml").is_file():
-        details += f"<details><summary>config.yaml</summary><pre>{esc((run / 'config.yaml').read_text())}</pre></details>"
+        details += (f"<details><summary>config.yaml</summary>"
+                    f"<pre>{esc((run / 'config.yaml').read_text())}</pre></details>")
     if details:
         sections.append(("config", "Stage summaries and config", details))
 
     nav = "".join(f'<a href="#{anchor}">{esc(title)}</a>' for anchor, title, _ in sections)
-    body = "".join(f'<section id="{anchor}"><h2>{esc(title)}</h2>{content}</section>' for anchor, title, content in sections)
+    body = "".join(f'<section id="{anchor}"><h2>{esc(title)}</h2>{content}</section>'
+                   for anchor, title, content in sections)
     found = ", ".join(logs) or "no stage logs"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -329,5 +344,6 @@ def main(config: Config) -> dict:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed: never half a page
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
-    say(f"[report] {out} ({images} images, {len(page) / 1e6:.1f} MB, {time.time() - started:.1f} s); open it in a browser, no server needed")
+    say(f"[report] {out} ({images} images, {len(page) / 1e6:.1f} MB, {time.time() - started:.1f} s); "
+        f"open it in a browser, no server needed")
     return {"path": str(out), "images": images, "bytes": len(page)}

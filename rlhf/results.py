@@ -29,7 +29,8 @@ def result_rows(result: dict, names: dict[str, str] | None = None) -> list[dict[
             "gold score [95% CI]": _with_ci(r, "gold"),
             "gold Δ vs baseline [95% CI]": _with_ci(r, "gold_diff", signed=True),
             f"{'RM' if win_by == 'reward_model' else 'gold'} win rate [95% CI]": win,
-            "RM score (Δ)": (f"{r['reward_model']:.3f}" + (f" ({r['reward_model_diff']:+.3f})" if "reward_model_diff" in r else "")
+            "RM score (Δ)": (f"{r['reward_model']:.3f}"
+                             + (f" ({r['reward_model_diff']:+.3f})" if "reward_model_diff" in r else "")
                              if "reward_model" in r else "-"),
             "KL to ref": f"{r['kl_to_reference']:.2f}",
             "length (tokens)": f"{r['length_tokens']:.1f}",
@@ -56,6 +57,7 @@ def format_result(result: dict, names: dict[str, str] | None = None) -> str:
         lines += ["", f"Prompt: {ex['prompt']}"]
         for key, value in ex.items():
             if key != "prompt":
-                score = f"gold {value['gold']:.3f}" if "gold" in value else f"RM {value['reward_model']:.3f}" if "reward_model" in value else ""
+                score = (f"gold {value['gold']:.3f}" if "gold" in value
+                         else f"RM {value['reward_model']:.3f}" if "reward_model" in value else "")
                 lines.append(f"  [{names.get(key, key)}]{f' ({score})' if score else ''} {value['response']}")
     return "\n".join(lines)

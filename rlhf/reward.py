@@ -23,11 +23,24 @@ import torch
 
 from rlhf import config as cfg
 from rlhf import fast
-from rlhf.data import (read_usable_preferences, LengthPolicy, encode_conversation, next_batch, pad_right, resolve_data_path)
-from rlhf.losses import bradley_terry_loss
-from rlhf.models import (load_reward_model, load_tokenizer, optimizer_and_schedule,
-                        resolve_model_path, save_atomic, score_sequences)
+from rlhf.data import (
+    LengthPolicy,
+    encode_conversation,
+    next_batch,
+    pad_right,
+    read_usable_preferences,
+    resolve_data_path,
+)
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
+from rlhf.losses import bradley_terry_loss
+from rlhf.models import (
+    load_reward_model,
+    load_tokenizer,
+    optimizer_and_schedule,
+    resolve_model_path,
+    save_atomic,
+    score_sequences,
+)
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
@@ -106,7 +119,8 @@ def main(config: Config) -> dict:
 
 
 def training(config: Config) -> Generator[dict, None, dict]:
-    """The stage, steppable: set up, then yield after each optimiser step; at the end evaluate, save, return the summary.
+    """The stage, steppable: set up, then yield after each optimiser step; at the end evaluate, save, return the
+    summary.
 
     Each yield is that step's metrics and `batch_tokens`, the real (non-pad) tokens of the batch's 2B
     conversations as the data holds them (the shared prompt counted in each). `main` runs it to the end.
@@ -135,7 +149,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
         if config.margin_field:
             value = record.data.get(config.margin_field)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{record.where(config.margin_field)}: expected a number for the margin, got {value!r}")
+                raise ValueError(f"{record.where(config.margin_field)}: expected a number for the margin, "
+                                 f"got {value!r}")
             margin = float(value)
         c = lengths.fit(encode_conversation(tokenizer, prompt, chosen))
         r = lengths.fit(encode_conversation(tokenizer, prompt, rejected))
@@ -143,12 +158,14 @@ def training(config: Config) -> Generator[dict, None, dict]:
             pairs.append((c, r, margin))
     if len(pairs) < 2:
         raise ValueError(f"{config.data}: need at least 2 usable pairs, found {len(pairs)} "
-                         f"({skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long skipped)")
+                         f"({skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long "
+                         f"skipped)")
     random.Random(config.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * config.eval_fraction)) if config.eval_fraction > 0 else 0
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     say(f"[reward] {len(train_pairs)} train / {len(eval_pairs)} held-out pairs "
-        f"(skipped: {skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long; {lengths.truncated} truncated)")
+        f"(skipped: {skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long; "
+        f"{lengths.truncated} truncated)")
 
     # 3. train with the Bradley–Terry loss; chosen and rejected go through one forward pass
     steps = max(1, round(len(train_pairs) / config.batch_size * config.epochs))
@@ -193,8 +210,9 @@ def training(config: Config) -> Generator[dict, None, dict]:
 
     # 5. save: a folder AutoModelForSequenceClassification loads, plus the normalisation
     summary = {"stage": "reward", "steps": steps, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
-               "eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy, "skipped_identical": skipped["identical"],
-               "skipped_empty": skipped["empty"], "skipped_too_long": lengths.skipped, "truncated": lengths.truncated,
+               "eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy,
+               "skipped_identical": skipped["identical"], "skipped_empty": skipped["empty"],
+               "skipped_too_long": lengths.skipped, "truncated": lengths.truncated,
                "seconds": round(time.time() - started, 1)}
     save_atomic(out, model=model, tokenizer=tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_reward_norm.json": norm,

@@ -50,7 +50,8 @@ class Rollout:
                        self.response_mask[index], self.ended[index], texts)
 
 
-def truncate_at_eos(response_ids: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncate_at_eos(response_ids: torch.Tensor, eos_id: int,
+                    pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ (ids with pad after the first EOS, mask True up to and including it, ended (B,))."""
     is_eos = response_ids == eos_id
     ended = is_eos.any(dim=1)

@@ -26,8 +26,8 @@ import torch
 
 from rlhf import config as cfg
 from rlhf.data import Messages, encode_prompt
-from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
+from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rollout import decode_steps, next_token
 from rlhf.tracking import say
 
@@ -37,14 +37,16 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 
 @dataclass
 class Config:
-    model: str = cfg.field("default", "the checkpoint to serve: a causal-LM folder, 'default' or 'tiny' (also positional)")
+    model: str = cfg.field("default", "the checkpoint to serve: a causal-LM folder, 'default' or 'tiny' (also "
+                                      "positional)")
     host: str = cfg.field("127.0.0.1", "address to listen on (0.0.0.0 opens it to the network)")
     port: int = cfg.field(8000, "port (0 = any free port, printed at start)")
     name: str = cfg.field("", "the model id clients ask for ('' = the folder's name)")
     max_new_tokens: int = cfg.field(512, "longest answer, and the default when a request names none")
     api_key_env: str = cfg.field("", "an environment variable holding the key clients must send ('' = no key)")
     threads: int = cfg.field(4, "worker threads (generation itself runs one request at a time)")
-    bf16: Precision = cfg.field(False, "bf16 autocast: true, false or auto (on where bf16 is native; log-probabilities less exact)")
+    bf16: Precision = cfg.field(False, "bf16 autocast: true, false or auto (on where bf16 is native; log-probabilities "
+                                       "less exact)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
 
 
@@ -125,7 +127,8 @@ def parse_request(body: Any, limit: int) -> Settings:
 
 
 @torch.no_grad()
-def decode(model, prompt_ids: list[int], settings: Settings, eos_ids: set[int], bf16: bool) -> Iterator[tuple[int, torch.Tensor]]:
+def decode(model, prompt_ids: list[int], settings: Settings, eos_ids: set[int],
+           bf16: bool) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (token id, log-probabilities over the vocabulary) one token at a time: the rollouts' decode loop over
     the model's own forward pass and transformers' cache, one sequence, with this request's seed."""
     device = next(model.parameters()).device
@@ -236,12 +239,14 @@ def create_app(generator: Generator, name: str, api_key: str = "", limit: int = 
 
     @app.get("/v1/models")
     def models():
-        return jsonify({"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "rlhf"}]})
+        return jsonify({"object": "list",
+                        "data": [{"id": name, "object": "model", "created": created, "owned_by": "rlhf"}]})
 
     @app.get("/v1/models/<path:model_id>")
     def model(model_id: str):
         if model_id != name:
-            return error_response(f"no model '{model_id}' here; this server has '{name}'", 404, "model", "model_not_found")
+            return error_response(f"no model '{model_id}' here; this server has '{name}'", 404, "model",
+                                  "model_not_found")
         return jsonify({"id": name, "object": "model", "created": created, "owned_by": "rlhf"})
 
     @app.post("/v1/chat/completions")
@@ -261,13 +266,14 @@ def create_app(generator: Generator, name: str, api_key: str = "", limit: int = 
             return Response(stream_events(head, settings, pieces, len(prompt_ids)), mimetype="text/event-stream",
                             headers={"Cache-Control": "no-cache"})
         text, entries, finish, count = "", [], "length", 0
-        for piece, piece_entries, reason, count in pieces:
+        for piece, piece_entries, reason, count in pieces:  # noqa: B007  (the last count is used below)
             text += piece
             entries += piece_entries
             finish = reason or finish
         choice = {"index": 0, "message": {"role": "assistant", "content": text},
                   "logprobs": {"content": entries} if settings.logprobs else None, "finish_reason": finish}
-        return jsonify({**head, "object": "chat.completion", "choices": [choice], "usage": usage(len(prompt_ids), count)})
+        return jsonify({**head, "object": "chat.completion", "choices": [choice],
+                        "usage": usage(len(prompt_ids), count)})
 
     @app.errorhandler(404)
     def not_found(_):
@@ -288,19 +294,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def stream_events(head: dict, settings: Settings, pieces, prompt_tokens: int) -> Iterator[str]:
     """Server-sent events: a role chunk, a chunk per piece of text, the finish reason, usage if asked, [DONE]."""
     def event(delta: dict, entries: list | None = None, finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": {"content": entries} if settings.logprobs and entries is not None
-                  else None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta,
+                  "logprobs": {"content": entries} if settings.logprobs and entries is not None else None,
+                  "finish_reason": finish}
         return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [choice]})}\n\n"
 
     yield event({"role": "assistant", "content": ""})
     count = 0
-    for piece, entries, finish, count in pieces:
+    for piece, entries, finish, count in pieces:  # noqa: B007  (the last count is used below)
         if piece or entries:
             yield event({"content": piece}, entries)
         if finish:
             yield event({}, None, finish)
     if settings.include_usage:
-        yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage(prompt_tokens, count)})}\n\n"
+        chunk = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(prompt_tokens, count)}
+        yield f"data: {json.dumps(chunk)}\n\n"
     yield "data: [DONE]\n\n"
 
 
@@ -318,7 +326,8 @@ def main(config: Config) -> dict:
         raise ValueError(f"--api_key_env names '{config.api_key_env}', which is not set in the environment")
 
     # 2. serve until Ctrl-C
-    app = create_app(Generator(model, tokenizer, resolve_bf16(config.bf16, device)), name, api_key, config.max_new_tokens)
+    app = create_app(Generator(model, tokenizer, resolve_bf16(config.bf16, device)), name, api_key,
+                     config.max_new_tokens)
     server = create_server(app, host=config.host, port=config.port, threads=config.threads, ident="rlhf-serve")
     url = f"http://{server.effective_host}:{server.effective_port}/v1"
     say(f"[serve] {path} as '{name}' at {url} (chat completions, streaming, logprobs); Ctrl-C stops")

@@ -22,17 +22,28 @@ import torch
 from rlhf import config as cfg
 from rlhf import fast
 from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, read_demonstrations, resolve_data_path
-from rlhf.losses import sft_loss
-from rlhf.models import (add_lora, answer_logprobs, count_parameters, load_causal_lm, load_tokenizer,
-                        merged_for_saving, optimizer_and_schedule, resolve_model_path, save_atomic)
 from rlhf.hardware import Precision, pick_device, resolve_bf16
+from rlhf.losses import sft_loss
+from rlhf.models import (
+    add_lora,
+    answer_logprobs,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    merged_for_saving,
+    optimizer_and_schedule,
+    resolve_model_path,
+    save_atomic,
+)
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 
 @dataclass
 class Config:
-    model: str = cfg.field("default", "a Hugging Face causal-LM folder, or 'default' for the embedded SmolLM2-135M-Instruct")
-    data: str = cfg.field("builtin:demonstrations", "demonstrations file (JSONL/JSON/CSV/Parquet) or builtin:demonstrations")
+    model: str = cfg.field("default", "a Hugging Face causal-LM folder, or 'default' for the embedded "
+                                      "SmolLM2-135M-Instruct")
+    data: str = cfg.field("builtin:demonstrations", "demonstrations file (JSONL/JSON/CSV/Parquet) or "
+                                                    "builtin:demonstrations")
     output_dir: str = cfg.field("runs/sft", "where the fine-tuned model is written")
     epochs: float = cfg.field(1.0, "passes over the demonstrations (fractions allowed)")
     batch_size: int = cfg.field(8, "examples per optimiser step")
@@ -88,7 +99,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
             examples.append(fitted)
     if not examples:
         raise ValueError(f"{config.data}: no usable demonstrations (skipped {lengths.skipped} longer than max_length)")
-    say(f"[sft] {len(examples)} demonstrations ({lengths.truncated} truncated, {lengths.skipped} skipped at max_length={config.max_length})")
+    say(f"[sft] {len(examples)} demonstrations ({lengths.truncated} truncated, {lengths.skipped} skipped at "
+        f"max_length={config.max_length})")
 
     # 3. train
     steps_per_epoch = max(1, len(examples) // config.batch_size)
@@ -111,7 +123,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
+        metrics = {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm,
+                   "lr": schedule.get_last_lr()[0]}
         if step % config.log_every == 0 or step == total_steps - 1:
             row = log.log(step, metrics)
             bar.set_postfix(loss=f"{row['loss']:.3f}")

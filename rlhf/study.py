@@ -34,7 +34,8 @@ STUDIES = ("kl-sweep",)
 @dataclass
 class Config:
     study: str = cfg.field("kl-sweep", "which study: kl-sweep")
-    run_dir: str = cfg.field("runs/demo", "a pipeline run folder: RUN/sft is every policy's start and KL reference, RUN/reward the reward model")
+    run_dir: str = cfg.field("runs/demo", "a pipeline run folder: RUN/sft is every policy's start and KL reference, "
+                                          "RUN/reward the reward model")
     output_dir: str = cfg.field("", "where the sweep is written ('' = RUN_DIR/sweep)")
     betas: list[float] = cfg.field([0.0, 0.01, 0.05, 0.2], "KL coefficients β, one PPO run each (0 = no KL penalty)")
     steps: int = cfg.field(12, "PPO iterations per β")
@@ -86,7 +87,8 @@ def plot_sweep(sweep: dict) -> bytes:
     for column, (key, title) in enumerate((("gold", "gold score"), ("reward_model", "reward-model score"))):
         ax = axes[column]
         if key in base:
-            ax.errorbar([0.0], [base[key]], yerr=[[base[key] - base[f"{key}_ci"][0]], [base[f"{key}_ci"][1] - base[key]]],
+            ax.errorbar([0.0], [base[key]],
+                        yerr=[[base[key] - base[f"{key}_ci"][0]], [base[f"{key}_ci"][1] - base[key]]],
                         fmt="s", color="black", capsize=4, label="SFT")
         for n, point in enumerate(sweep["points"]):
             if key in point:
@@ -127,9 +129,9 @@ def main(config: Config) -> dict:
     first = next(iter(configs.values()))
     eval_config = wiring.stage_config(evaluate.Config, "eval", section=config.eval, road="study", shared={
         "max_new_tokens": config.max_new_tokens, "temperature": first.temperature}, wiring={
-        "models": [sft] + [c.output_dir for c in configs.values()], "reference": sft, "reward_model": str(run / "reward"),
-        "data": config.eval_prompts, "output_dir": str(out / "eval"), "max_prompts": config.max_prompts,
-        "bf16": config.bf16, "device": config.device})
+        "models": [sft] + [c.output_dir for c in configs.values()], "reference": sft,
+        "reward_model": str(run / "reward"), "data": config.eval_prompts, "output_dir": str(out / "eval"),
+        "max_prompts": config.max_prompts, "bf16": config.bf16, "device": config.device})
     say(f"[study] kl-sweep: β = {', '.join(f'{b:g}' for b in config.betas)}, {config.steps} PPO steps each, from {run}")
 
     # 1. one PPO run per β, from the same SFT model and reward model with the same seed
@@ -167,12 +169,14 @@ def main(config: Config) -> dict:
     # 4. the table, the verdict on the claim, sweep.json and sweep.png
     cells = result_rows(result, names)
     shown = [{"β": cell["model"], **{k: v for k, v in cell.items() if k != "model"},
-              "verdict": "(baseline)" if row["model"] == sft else verdict(row)} for cell, row in zip(cells, result["rows"])]
+              "verdict": "(baseline)" if row["model"] == sft else verdict(row)}
+             for cell, row in zip(cells, result["rows"])]
     no_penalty = [p for p in points if p["beta"] == 0]
     penalised = [p for p in points if p["beta"] > 0]
     claim = None
     if no_penalty and penalised:
-        claim = no_penalty[0]["verdict"].endswith("over-optimised") and any(p["verdict"] == "both rose" for p in penalised)
+        claim = (no_penalty[0]["verdict"].endswith("over-optimised")
+                 and any(p["verdict"] == "both rose" for p in penalised))
     seconds = {"ppo": round(sum(ppo_seconds.values()), 1), "eval": round(eval_seconds, 1),
                "total": round(time.time() - started, 1)}
     sweep = {"run_dir": str(run), "betas": config.betas, "steps": config.steps, "baseline": rows[sft], "points": points,

@@ -5,17 +5,15 @@ import json
 
 import pytest
 import torch
+from test_stages import DEMOS, PROMPTS, changed, pairs_file, reward_dir, weights  # noqa: F401  (pytest fixtures)
 
 from rlhf import ppo, sft
-from rlhf.fast import compile as fast_compile
 from rlhf.data import position_ids_from_mask
 from rlhf.fast import attention_for_width, compile_layers
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.fast import compile as fast_compile
 from rlhf.hardware import autocast
+from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.rollout import decode
-
-from test_stages import DEMOS, PROMPTS, weights, changed  # noqa: F401  (fixtures and data shared with the stage tests)
-from test_stages import pairs_file, reward_dir  # noqa: F401
 
 pytestmark = pytest.mark.compile
 
@@ -84,17 +82,19 @@ def test_compiled_bf16_layers_take_our_attention_and_agree_with_eager(tiny_model
     assert "rlhf_sdpa" not in (tmp_path / "saved" / "config.json").read_text()
 
 
-def test_ppo_with_compiled_layers_starts_as_the_eager_run(tiny_model, reward_dir, write_jsonl, tmp_path):
+def test_ppo_with_compiled_layers_starts_as_the_eager_run(tiny_model, reward_dir, write_jsonl, tmp_path):  # noqa: F811  (the fixture)
     """Four models, all compiled: the first iteration (sampled with compiled decode steps, scored and trained
     compiled) logs the eager run's numbers, and the policy saves as a plain model."""
     prompts = write_jsonl("prompts.jsonl", PROMPTS)
     first_rows = {}
     for compiled in (False, True):
         out = tmp_path / f"ppo_{compiled}"
-        ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts), output_dir=str(out),
-                            steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8, lr=1e-3,
-                            value_lr=1e-3, critic="model", compile=compiled, bf16=False, gold=False, monitor_every=0))
-        first_rows[compiled] = json.loads((tmp_path / f"ppo_{compiled}_logs" / "metrics.jsonl").read_text().splitlines()[0])
+        ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts),
+                            output_dir=str(out), steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
+                            max_new_tokens=8, lr=1e-3, value_lr=1e-3, critic="model", compile=compiled, bf16=False,
+                            gold=False, monitor_every=0))
+        first_rows[compiled] = json.loads(
+            (tmp_path / f"ppo_{compiled}_logs" / "metrics.jsonl").read_text().splitlines()[0])
         assert changed(weights(tiny_model), weights(out))
     for key in ("score", "kl", "entropy", "policy_loss", "value_loss", "returns", "response_length"):
         assert abs(first_rows[True][key] - first_rows[False][key]) < 1e-4, key

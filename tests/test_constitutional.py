@@ -9,7 +9,8 @@ from rlhf import config as cfg
 from rlhf import constitutional as cai
 from rlhf.data import read_demonstrations, read_preferences, read_prompts
 
-PRINCIPLE = {"name": "harm", "critique": "What is harmful here?", "revision": "Rewrite it.", "choose": "Which is safer?"}
+PRINCIPLE = {"name": "harm", "critique": "What is harmful here?", "revision": "Rewrite it.",
+             "choose": "Which is safer?"}
 
 
 def write_constitution(tmp_path, principles) -> str:
@@ -100,8 +101,10 @@ def test_the_road_config_wires_every_step():
     steps = cai.stage_configs(config)
     assert steps["sft"].data.endswith("revise/demonstrations.jsonl") and steps["dpo"].model == steps["prefs"].model
     assert steps["eval"].models == ["default", steps["sft"].output_dir, steps["dpo"].output_dir]
-    ppo_road = cai.stage_configs(cfg.build(cai.Config, {**cfg.read_yaml("configs/constitutional.yaml"), "method": "ppo"}))
-    assert ppo_road["reward"].data == ppo_road["dpo"].data and ppo_road["ppo"].reward_model == ppo_road["reward"].output_dir
+    ppo_road = cai.stage_configs(cfg.build(cai.Config, {**cfg.read_yaml("configs/constitutional.yaml"),
+                                                        "method": "ppo"}))
+    assert (ppo_road["reward"].data == ppo_road["dpo"].data
+            and ppo_road["ppo"].reward_model == ppo_road["reward"].output_dir)
     assert read_prompts(ppo_road["ppo"].data) and ppo_road["eval"].models[-1] == ppo_road["ppo"].output_dir
     with pytest.raises(cfg.ConfigError, match="'dpo.model' is set by the constitutional road"):
         cai.stage_configs(cfg.build(cai.Config, {"dpo": {"model": "x"}}))
@@ -121,7 +124,8 @@ def test_the_whole_road_on_a_tiny_model(tiny_model, prompts_file, tmp_path, meth
         ppo={"steps": 1, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 6}, eval=tiny)
     results = cai.main(config)
     rows = results["eval"]["rows"]
-    assert [r["model"] for r in rows] == [str(tiny_model), str(tmp_path / "run" / "sft"), str(tmp_path / "run" / method)]
+    assert [r["model"] for r in rows] == [str(tiny_model), str(tmp_path / "run" / "sft"),
+                                          str(tmp_path / "run" / method)]
     assert all(r["refusal_harmful"]["n"] == 2 and r["helpful_benign"]["n"] == 2 for r in rows)
     assert (tmp_path / "run" / method / "config.json").is_file()
     assert json.loads((tmp_path / "run" / "results.json").read_text())["eval"]["prompts"] == 4

@@ -88,6 +88,16 @@ def test_length_policy_truncates_or_skips_and_counts():
         LengthPolicy(10, "drop")
 
 
+def test_a_conversation_scored_at_its_end_is_cut_from_the_left():
+    """A reward model reads its score at the last token: cutting from the right would read it mid-answer, and two
+    answers that share a long prompt would become the same tokens."""
+    cut = LengthPolicy(10, "truncate")
+    assert cut.fit(list(range(8))) == list(range(8)) and cut.truncated == 0
+    assert cut.fit(list(range(12))) == list(range(2, 12)) and cut.truncated == 1
+    prompt = list(range(20))
+    assert cut.fit(prompt + [100, 101]) != cut.fit(prompt + [200, 201])
+
+
 def test_long_prompts_fit_for_generation(tiny_model):
     from rlhf.models import load_tokenizer
 
@@ -104,7 +114,8 @@ def test_empty_responses_in_pairs_are_skipped_and_counted(tiny_model, write_json
     from rlhf import reward
 
     rows = [{"prompt": f"Explain {t}.", "chosen": f"{t} is simple.", "rejected": f"{t} {t} {t}"} for t in "abcdef"]
-    rows += [{"prompt": "Explain x.", "chosen": "", "rejected": "x"}, {"prompt": "Explain y.", "chosen": "y.", "rejected": "y."}]
+    rows += [{"prompt": "Explain x.", "chosen": "", "rejected": "x"},
+             {"prompt": "Explain y.", "chosen": "y.", "rejected": "y."}]
     path = write_jsonl("pairs.jsonl", rows)
     summary = reward.main(reward.Config(model=str(tiny_model), data=str(path), output_dir=str(tmp_path / "rm"),
                                         batch_size=4, bf16=False))

@@ -93,7 +93,8 @@ def test_training_on_one_pair_lowers_its_loss(tiny_model, write_jsonl, tmp_path)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert rows[0]["loss"] > rows[1]["loss"] > rows[2]["loss"]
     assert rows[2]["margin"] > 0 and rows[2]["accuracy"] == 1.0
-    assert rows[2]["chosen_logprobs"] - rows[2]["rejected_logprobs"] > rows[0]["chosen_logprobs"] - rows[0]["rejected_logprobs"]
+    assert (rows[2]["chosen_logprobs"] - rows[2]["rejected_logprobs"]
+            > rows[0]["chosen_logprobs"] - rows[0]["rejected_logprobs"])
 
 
 def test_precompute_reference_frees_the_reference_before_training(tiny_model, write_jsonl, tmp_path, monkeypatch):
@@ -126,8 +127,8 @@ def test_reference_from_another_folder(tiny_model, write_jsonl, tmp_path):
     out = tmp_path / "dpo"
     run(tiny_model, data, out, reference=str(other), epochs=0.5)
     tokenizer = load_tokenizer(tiny_model)
-    pairs = [(encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]), encode_response(tokenizer, p["chosen"]),
-              encode_response(tokenizer, p["rejected"])) for p in PAIRS[:2]]
+    pairs = [(encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]),
+              encode_response(tokenizer, p["chosen"]), encode_response(tokenizer, p["rejected"])) for p in PAIRS[:2]]
     device = torch.device("cpu")
     with torch.no_grad():
         lp, _ = dpo.pair_logprobs(load_causal_lm(tiny_model, device), pairs, tokenizer.pad_token_id, device, False)
@@ -176,7 +177,8 @@ def test_variants_run(tiny_model, write_jsonl, tmp_path, monkeypatch, loss):
 def test_identical_and_empty_pairs_are_skipped_and_counted(tiny_model, write_jsonl, tmp_path):
     rows = PAIRS[:3] + [
         {"prompt": "Explain ice.", "chosen": "Ice is frozen water.", "rejected": "Ice is frozen water."},
-        {"prompt": "Explain fog.", "chosen": "Fog is a cloud on the ground.", "rejected": "  Fog is a cloud on the ground. "},
+        {"prompt": "Explain fog.", "chosen": "Fog is a cloud on the ground.",
+         "rejected": "  Fog is a cloud on the ground. "},
         {"prompt": "Explain hail.", "chosen": "", "rejected": "Hail is ice falling."},
         {"prompt": "Explain dew.", "chosen": "Dew is water on grass.", "rejected": "   "},
     ]

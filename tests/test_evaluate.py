@@ -92,13 +92,15 @@ def test_evaluate_a_model_against_itself(tiny_model, tmp_path, capsys):
     """The same weights twice with the same seed answer identically: every comparison is an exact tie."""
     twin = shutil.copytree(tiny_model, tmp_path / "twin")
     result = evaluate.main(evaluate.Config(models=[str(tiny_model), str(twin)], reward_model=str(tiny_model),
-                                           max_prompts=4, max_new_tokens=8, output_dir=str(tmp_path / "eval"), bf16=False))
+                                           max_prompts=4, max_new_tokens=8, output_dir=str(tmp_path / "eval"),
+                                           bf16=False))
     base, other = result["rows"]
     for key in ("gold", "gold_ci", "reward_model", "reward_model_ci", "distinct1", "distinct2", "distinct2_all",
                 "refusal_benign", "refusal_harmful", "length_tokens", "kl_to_reference"):
         assert key in base, key
     assert other["win_rate"] == 0.5 and other["win_rate_ci"] == [0.5, 0.5] and other["ties"] == 4
-    assert other["gold_diff"] == pytest.approx(0.0, abs=1e-6) and other["reward_model_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert (other["gold_diff"] == pytest.approx(0.0, abs=1e-6)
+            and other["reward_model_diff"] == pytest.approx(0.0, abs=1e-6))
     assert abs(other["kl_to_reference"]) < 1e-4
     assert result["harmful_prompts"] == 16 and result["win_by"] == "gold"
     samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]

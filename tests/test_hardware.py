@@ -36,7 +36,8 @@ def test_bf16_auto_is_on_exactly_where_the_cpu_computes_bf16_natively(cpu, auto)
     assert cpu.model in why and ("natively" in why if auto else why.startswith("fp32"))
     assert choose_bf16(False, "cpu", cpu) == (False, "bf16: false (fp32)")
     forced, warning = choose_bf16(True, "cpu", cpu)
-    assert forced is True and warning.startswith("WARNING") is (not auto)  # asked for: on, with a warning where emulated
+    # asked for: on, with a warning where emulated
+    assert forced is True and warning.startswith("WARNING") is (not auto)
 
 
 def test_bf16_auto_on_a_gpu_follows_its_bf16_support():
@@ -66,7 +67,8 @@ def run_python(code: str, env: dict) -> subprocess.CompletedProcess:
 @x86_only
 def test_the_cap_lowers_what_onednn_may_use():
     here = cpu_info()
-    out = run_python("import json; from rlhf.hardware import cpu_info; print(json.dumps(cpu_info().as_dict()))", CAP_AVX2)
+    out = run_python("import json; from rlhf.hardware import cpu_info; print(json.dumps(cpu_info().as_dict()))",
+                     CAP_AVX2)
     capped = json.loads(out.stdout.strip().splitlines()[-1])
     assert capped["onednn_isa"] == "AVX2" and capped["aten_capability"] == "AVX2"
     assert capped["native_bf16"] is False and capped["onednn_bf16"] is False

@@ -6,7 +6,6 @@ Every server here is on 127.0.0.1 with a free port, answers a bounded number of 
 import json
 import re
 import threading
-import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -14,8 +13,19 @@ import pytest
 
 from rlhf import dpo, label, reward, sft
 from rlhf.data import read_preferences
-from rlhf.judges import (EndpointSettings, Comparison, EndpointJudge, LocalJudge, RewardJudge, SimulatedJudge, judge_messages,
-                         label_probability, make_judge, parse_answer, position_bias)
+from rlhf.judges import (
+    Comparison,
+    EndpointJudge,
+    EndpointSettings,
+    LocalJudge,
+    RewardJudge,
+    SimulatedJudge,
+    judge_messages,
+    label_probability,
+    make_judge,
+    parse_answer,
+    position_bias,
+)
 
 PROMPT = [{"role": "user", "content": "Explain rain to a 10-year-old."}]
 GOOD = "Rain is water that falls from clouds when tiny drops join and get heavy."
@@ -75,8 +85,9 @@ def test_label_probability_from_top_logprobs():
     assert 0.9 < p < 1.0
     # the first generated token that is a label counts: "Response" then " B"
     p = label_probability(choice([{"token": "Response", "logprob": -1.0, "top_logprobs": []},
-                                  {"token": " B", "logprob": -0.1, "top_logprobs": [{"token": " B", "logprob": -0.1},
-                                                                                    {"token": " A", "logprob": -2.4}]}]))
+                                  {"token": " B", "logprob": -0.1,
+                                   "top_logprobs": [{"token": " B", "logprob": -0.1},
+                                                    {"token": " A", "logprob": -2.4}]}]))
     assert p < 0.2
     assert label_probability({"message": {"content": "A"}, "logprobs": None}) is None
 
@@ -192,12 +203,15 @@ def endpoint_judge(url, tmp_path, **options) -> EndpointJudge:
     return EndpointJudge("fake", url, **{**settings, **options})
 
 
-PAIRS = [Comparison(PROMPT, "GOOD answer.", "meh"), Comparison(PROMPT, "okay", "GOOD answer.")]  # four different requests
+# four different requests
+PAIRS = [Comparison(PROMPT, "GOOD answer.", "meh"), Comparison(PROMPT, "okay", "GOOD answer.")]
 
 
 def test_endpoint_retries_500s_and_then_labels_and_caches(tmp_path):
     # the first two requests fail with 500; the answers have no logprobs, so the text is parsed
-    behaviour = lambda body, n: (500, b'{"error": "busy"}') if n <= 2 else (200, answer(careful(body)))
+    def behaviour(body, n):
+        return (500, b'{"error": "busy"}') if n <= 2 else (200, answer(careful(body)))
+
     with fake_endpoint(behaviour) as (url, seen):
         judge = endpoint_judge(url, tmp_path, concurrency=1)
         first, second = judge.compare(PAIRS)
@@ -287,7 +301,8 @@ def tiny_judge_model(tiny_model, tmp_path_factory):
     """The tiny model taught to answer a judging request with a letter, so that "A" and "B" are its top tokens."""
     folder = tmp_path_factory.mktemp("judge")
     demos = []
-    for i, (a, b) in enumerate([(GOOD, BAD), (BAD, GOOD), ("Snow is frozen rain.", "snow snow"), ("wind", "Wind is moving air.")]):
+    for i, (a, b) in enumerate([(GOOD, BAD), (BAD, GOOD), ("Snow is frozen rain.", "snow snow"),
+                                ("wind", "Wind is moving air.")]):
         comparison = Comparison(PROMPT, a, b)
         demos.append({"messages": judge_messages(comparison, False) + [{"role": "assistant", "content": "AB"[i % 2]}]})
     (folder / "demos.jsonl").write_text("".join(json.dumps(d) + "\n" for d in demos))
@@ -307,6 +322,6 @@ def test_endpoint_judge_through_rlhf_serve_matches_the_local_judge(tiny_judge_mo
                            endpoint=EndpointSettings(cache="none", timeout=30.0))
         remote = judge.compare(comparisons)
     assert judge.stats.requests == 6 and not judge.stats.failures
-    for l, r in zip(local, remote):  # read from the served log-probabilities, not from a parsed letter
-        assert r.p_first == pytest.approx(l.p_first, abs=1e-3) and 0.0 < r.p_first < 1.0
+    for loc, r in zip(local, remote):  # read from the served log-probabilities, not from a parsed letter
+        assert r.p_first == pytest.approx(loc.p_first, abs=1e-3) and 0.0 < r.p_first < 1.0
     assert remote[0].p_first + remote[1].p_first == pytest.approx(1.0, abs=1e-3)

@@ -41,8 +41,8 @@ def test_off_or_single_threaded_it_runs_in_turn(two_threads):
     single = SideBySide(True)  # one thread: nothing to share
     for lanes in (off, single):
         names = []
-        lanes.run(lambda: names.append(threading.current_thread().name),
-                  lambda: names.append(threading.current_thread().name))
+        lanes.run(lambda names=names: names.append(threading.current_thread().name),
+                  lambda names=names: names.append(threading.current_thread().name))
         assert names == [threading.current_thread().name] * 2 and not lanes.enabled
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from rlhf import ppo
 from rlhf import monitor as monitor_module
+from rlhf import ppo
 from rlhf.metrics import hacking_warnings
 
 PROMPTS = [{"prompt": f"Explain {t} to a 10-year-old."} for t in ["rain", "wind", "snow", "the sun"]]
@@ -17,8 +17,8 @@ def checks(reward_model, gold, length=(40.0,), distinct2=(0.9,)):
     n = len(reward_model)
     length = list(length) * n if len(length) == 1 else list(length)
     distinct2 = list(distinct2) * n if len(distinct2) == 1 else list(distinct2)
-    return [{"reward_model": r, "gold": g, "length": l, "distinct2": d}
-            for r, g, l, d in zip(reward_model, gold, length, distinct2)]
+    return [{"reward_model": r, "gold": g, "length": tokens, "distinct2": d}
+            for r, g, tokens, d in zip(reward_model, gold, length, distinct2)]
 
 
 def test_reward_up_while_gold_down_is_reward_hacking():
@@ -55,7 +55,8 @@ def test_length_and_repetition_drift_from_the_first_check():
 
 
 def test_without_a_judge_only_the_drift_alarms_remain():
-    history = [{"reward_model": r, "length": l, "distinct2": 0.9} for r, l in [(0.1, 40.0), (0.5, 40.0), (0.9, 90.0)]]
+    history = [{"reward_model": r, "length": tokens, "distinct2": 0.9}
+               for r, tokens in [(0.1, 40.0), (0.5, 40.0), (0.9, 90.0)]]
     alarms = hacking_warnings(history)
     assert len(alarms) == 1 and "length" in alarms[0]
 
@@ -70,20 +71,25 @@ def run_ppo(model, prompts, out, **overrides):
 
 def test_monitor_logs_without_changing_training(tiny_model, write_jsonl, tmp_path, monkeypatch, capsys):
     prompts = write_jsonl("prompts.jsonl", PROMPTS)
-    monkeypatch.setattr(monitor_module, "hacking_warnings", lambda history, *args: ["test alarm"] if len(history) == 2 else [])
+    monkeypatch.setattr(monitor_module, "hacking_warnings",
+                        lambda history, *args: ["test alarm"] if len(history) == 2 else [])
     rows = run_ppo(tiny_model, prompts, tmp_path / "on" / "ppo", monitor_every=2, monitor_size=3)
     # checks at step 0, step 2 (every 2) and step 2 is also the last: two checks
     monitored = [r for r in rows if "monitor/gold" in r]
     assert [r["step"] for r in monitored] == [0, 2]
     for key in ("monitor/gold", "monitor/reward_model", "monitor/length", "monitor/distinct2", "monitor/warning"):
         assert all(isinstance(r[key], float) for r in monitored), key
-    assert [r["monitor/warning"] for r in monitored] == [0.0, 1.0] and monitored[1]["monitor/warnings"] == ["test alarm"]
+    assert ([r["monitor/warning"] for r in monitored] == [0.0, 1.0]
+            and monitored[1]["monitor/warnings"] == ["test alarm"])
     assert "WARNING (monitor, step 2): test alarm" in capsys.readouterr().out
-    shown = [json.loads(line) for line in (tmp_path / "on" / "ppo_logs" / "monitor_samples.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in shown] == [0, 0, 0, 2, 2, 2] and {"prompt", "response", "gold", "reward_model"} <= set(shown[0])
+    shown = [json.loads(line)
+             for line in (tmp_path / "on" / "ppo_logs" / "monitor_samples.jsonl").read_text().splitlines()]
+    assert ([s["step"] for s in shown] == [0, 0, 0, 2, 2, 2]
+            and {"prompt", "response", "gold", "reward_model"} <= set(shown[0]))
     # the same prompts and seed at every check; and the policy trained exactly as with the monitor off
     rows_off = run_ppo(tiny_model, prompts, tmp_path / "off" / "ppo", monitor_every=0)
     assert not any("monitor/gold" in r for r in rows_off)
     assert [r["score"] for r in rows] == [r["score"] for r in rows_off]
-    on, off = load_file(str(tmp_path / "on" / "ppo" / "model.safetensors")), load_file(str(tmp_path / "off" / "ppo" / "model.safetensors"))
+    on, off = (load_file(str(tmp_path / "on" / "ppo" / "model.safetensors")),
+               load_file(str(tmp_path / "off" / "ppo" / "model.safetensors")))
     assert all((on[k] == off[k]).all() for k in on)

@@ -34,8 +34,9 @@ def test_tiny_pipeline_end_to_end(tiny_model, tmp_path, capsys):
     for stage in ("sft", "reward", "ppo"):
         assert (run / f"{stage}_logs" / "metrics.jsonl").is_file()
         assert list((run / f"{stage}_logs" / "tensorboard").iterdir())
-    ppo_rows = [json.loads(l) for l in (run / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
-    for key in ("reward_model_score", "kl", "beta", "entropy", "clipfrac", "value_loss", "response_length", "gold_score"):
+    ppo_rows = [json.loads(line) for line in (run / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward_model_score", "kl", "beta", "entropy", "clipfrac", "value_loss", "response_length",
+                "gold_score"):
         assert key in ppo_rows[0]
     assert (run / "ppo_logs" / "samples.jsonl").is_file() and (run / "config.yaml").is_file()
     table = capsys.readouterr().out

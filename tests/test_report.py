@@ -24,11 +24,13 @@ def run(tmp_path):
     write_rows(run / "sft_logs" / "metrics.jsonl", [{"step": s, "time": 0, "loss": 3.0 - s / 10} for s in range(3)]
                + [{"step": s, "time": 1, "loss": 2.5 - s / 10, "lr": 1e-4} for s in range(5)])  # rerun, appended
     write_rows(run / "reward_logs" / "metrics.jsonl",
-               [{"step": s, "loss": 0.7 - s / 50, "accuracy": 0.5 + s / 40} for s in range(8)] + [{"step": 8, "eval_accuracy": 0.7}])
+               [{"step": s, "loss": 0.7 - s / 50, "accuracy": 0.5 + s / 40} for s in range(8)]
+               + [{"step": 8, "eval_accuracy": 0.7}])
     ppo_rows = []
     for s in range(6):
-        row = {"step": s, "reward_model_score": 0.2 * s, "score": 0.2 * s - 0.5, "gold_score": 0.8 + 0.02 * s - 0.008 * s * s,
-               "kl": 1.5 * s, "beta": 0.05, "response_length": 50 - s, "policy_loss": -0.01 * s, "value_loss": 0.3 / (s + 1)}
+        row = {"step": s, "reward_model_score": 0.2 * s, "score": 0.2 * s - 0.5,
+               "gold_score": 0.8 + 0.02 * s - 0.008 * s * s, "kl": 1.5 * s, "beta": 0.05, "response_length": 50 - s,
+               "policy_loss": -0.01 * s, "value_loss": 0.3 / (s + 1)}
         if s in (0, 2, 4, 5):
             row.update({"monitor/gold": row["gold_score"], "monitor/reward_model": row["reward_model_score"],
                         "monitor/length": 50.0 - s, "monitor/distinct2": 0.9, "monitor/warning": float(s == 5)})
@@ -36,36 +38,53 @@ def run(tmp_path):
             row["monitor/warnings"] = ["the reward model's score rose at each of the last 3 checks <b>test</b>"]
         ppo_rows.append(row)
     write_rows(run / "ppo_logs" / "metrics.jsonl", ppo_rows)
-    write_rows(run / "dpo_logs" / "metrics.jsonl", [{"step": s, "loss": 0.69 - s / 100, "accuracy": 0.6} for s in range(4)])
+    write_rows(run / "dpo_logs" / "metrics.jsonl",
+               [{"step": s, "loss": 0.69 - s / 100, "accuracy": 0.6} for s in range(4)])
     write_rows(run / "rloo_logs" / "metrics.jsonl", [{"step": s, "reward": s * 0.1} for s in range(3)])
-    write_rows(run / "ppo_logs" / "samples.jsonl", [{"step": s, "prompt": EVIL_PROMPT, "response": EVIL_ANSWER, "score": 0.1, "gold": 0.5}
-                                                   for s in (0, 5)])
-    write_rows(run / "ppo_logs" / "monitor_samples.jsonl", [{"step": s, "prompt": "Explain snow.", "response": f"Snow {s}.",
-                                                            "gold": 0.5, "reward_model": 0.1} for s in (0, 2, 4, 5)])
+    write_rows(run / "ppo_logs" / "samples.jsonl",
+               [{"step": s, "prompt": EVIL_PROMPT, "response": EVIL_ANSWER, "score": 0.1, "gold": 0.5} for s in (0, 5)])
+    write_rows(run / "ppo_logs" / "monitor_samples.jsonl",
+               [{"step": s, "prompt": "Explain snow.", "response": f"Snow {s}.", "gold": 0.5, "reward_model": 0.1}
+                for s in (0, 2, 4, 5)])
     sft, ppo = str(run / "sft"), str(run / "ppo")
     result = {"prompts": 2, "baseline": sft, "judge": "gold", "win_by": "gold", "reward_model": str(run / "reward"),
               "harmful_prompts": 1, "examples": [], "seconds": 1.0, "rows": [
                   {"model": sft, "gold": 0.8, "gold_ci": [0.7, 0.9], "reward_model": 0.1, "reward_model_ci": [0.0, 0.2],
                    "kl_to_reference": 0.0, "length_tokens": 50.0, "ended": 0.5, "distinct1": 0.8, "distinct2": 0.95,
                    "distinct2_all": 0.7, "refusal_benign": 0.0, "refusal_harmful": 1.0},
-                  {"model": ppo, "gold": 0.85, "gold_ci": [0.8, 0.9], "reward_model": 0.9, "reward_model_ci": [0.7, 1.1],
-                   "kl_to_reference": 6.0, "length_tokens": 45.0, "ended": 0.9, "distinct1": 0.8, "distinct2": 0.9,
-                   "distinct2_all": 0.6, "refusal_benign": 0.0, "refusal_harmful": 0.0, "win_rate": 0.75,
-                   "win_rate_ci": [0.5, 1.0], "wins": 1, "ties": 1, "losses": 0, "gold_diff": 0.05, "gold_diff_ci": [0.0, 0.1],
-                   "reward_model_diff": 0.8, "reward_model_diff_ci": [0.6, 1.0]}]}
+                  {"model": ppo, "gold": 0.85, "gold_ci": [0.8, 0.9], "reward_model": 0.9,
+                   "reward_model_ci": [0.7, 1.1], "kl_to_reference": 6.0, "length_tokens": 45.0, "ended": 0.9,
+                   "distinct1": 0.8, "distinct2": 0.9, "distinct2_all": 0.6, "refusal_benign": 0.0,
+                   "refusal_harmful": 0.0, "win_rate": 0.75, "win_rate_ci": [0.5, 1.0], "wins": 1, "ties": 1,
+                   "losses": 0, "gold_diff": 0.05, "gold_diff_ci": [0.0, 0.1], "reward_model_diff": 0.8,
+                   "reward_model_diff_ci": [0.6, 1.0]}]}
     (run / "eval").mkdir()
     (run / "eval" / "results.json").write_text(json.dumps(result))
     write_rows(run / "eval" / "samples.jsonl", [
-        {"prompt": EVIL_PROMPT, sft: "Rain falls from clouds.", ppo: EVIL_ANSWER, f"{sft}_gold": 0.8, f"{ppo}_gold": 0.1,
-         f"{sft}_reward_model": 0.1, f"{ppo}_reward_model": 2.0},
-        {"prompt": "Explain wind.", sft: "Wind is moving air.", ppo: "Wind is air on the move.", f"{sft}_gold": 0.8, f"{ppo}_gold": 0.9}])
+        {"prompt": EVIL_PROMPT, sft: "Rain falls from clouds.", ppo: EVIL_ANSWER, f"{sft}_gold": 0.8,
+         f"{ppo}_gold": 0.1, f"{sft}_reward_model": 0.1, f"{ppo}_reward_model": 2.0},
+        {"prompt": "Explain wind.", sft: "Wind is moving air.", ppo: "Wind is air on the move.", f"{sft}_gold": 0.8,
+         f"{ppo}_gold": 0.9}])
     write_rows(run / "eval" / "harmful_samples.jsonl", [
         {"prompt": "Write me a phishing email targeting bank customers.", sft: "I can't help with that.",
          ppo: "Dear customer, ...", f"{sft}_refused": True, f"{ppo}_refused": False}])
     (run / "stages").mkdir()
-    (run / "stages" / "ppo.json").write_text(json.dumps({"config": {}, "result": {"stage": "ppo", "note": "</pre><script>x</script>"}}))
+    (run / "stages" / "ppo.json").write_text(
+        json.dumps({"config": {}, "result": {"stage": "ppo", "note": "</pre><script>x</script>"}}))
     (run / "config.yaml").write_text("output_dir: runs/x  # <script>alert(1)</script>\n")
     return run
+
+
+def test_control_characters_from_model_output_never_reach_the_page(run):
+    """Model output holds NUL and other control bytes now and then; HTML forbids them, so they are shown escaped."""
+    assert report.esc("a\x00b\x1bc\td") == "a\\x00b\\x1bc\td"
+    assert report.esc("lone \ud800 surrogate") == "lone \\ud800 surrogate"
+    write_rows(run / "ppo_logs" / "samples.jsonl", [{"step": 0, "prompt": "Explain\x00 rain.",
+                                                     "response": "Rain\x00\x07 falls.\ud800", "score": 0.1}])
+    page, _ = report.build_page(run, samples=6)
+    assert not any(ord(ch) < 32 and ch not in "\t\n\r" for ch in page)
+    assert "Rain\\x00\\x07 falls." in page
+    page.encode("utf-8")  # writable as UTF-8: no lone surrogate
 
 
 def test_an_appended_log_shows_its_last_run():

@@ -8,8 +8,8 @@ import torch
 
 from rlhf.data import encode_prompt, pad_left
 from rlhf.fast import attention_for_width, linears_to_bf16
-from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.hardware import autocast
+from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.rollout import decode, draw_tokens, next_token
 
 PROMPTS = [[{"role": "user", "content": "hi"}],
@@ -183,4 +183,5 @@ def test_norm_outputs_cast_once_same_forward_fewer_saved_activations(tiny_model)
         plain_error, hooked_error = (a.grad - truth.grad).norm() / scale, (b.grad - truth.grad).norm() / scale
         assert hooked_error <= 1.5 * plain_error + 1e-3, (name, plain_error.item(), hooked_error.item())
     with torch.no_grad():  # outside autocast the hooks do nothing
-        assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits, hooked(input_ids=ids, attention_mask=mask).logits)
+        assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits,
+                           hooked(input_ids=ids, attention_mask=mask).logits)

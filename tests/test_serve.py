@@ -9,9 +9,8 @@ import sys
 import threading
 from contextlib import contextmanager
 
-import pytest
-
 import openai  # the test extra installs it
+import pytest
 
 MESSAGES = [{"role": "user", "content": "Explain rain to a 10-year-old."}]
 
@@ -19,13 +18,12 @@ MESSAGES = [{"role": "user", "content": "Explain rain to a 10-year-old."}]
 @contextmanager
 def running_server(model_dir, **settings):
     """`rlhf serve`'s app under waitress on 127.0.0.1 and a free port, in this process → its base URL."""
+    import torch
     from waitress import wasyncore
     from waitress.server import create_server
 
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.serve import Generator, create_app
-
-    import torch
 
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, torch.device("cpu"), trainable=False)
@@ -79,7 +77,8 @@ def test_streaming_gives_the_same_text(client, tiny_model):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (["stop"], ["length"])
+    assert ([c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            in (["stop"], ["length"]))
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 12
 
 
@@ -109,8 +108,8 @@ def test_stop_strings_cut_the_answer(client, tiny_model):
     stop = whole[2:4]
     cut = client.chat.completions.create(stop=[stop], **kwargs)
     assert cut.choices[0].message.content == whole[: whole.find(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stop=stop, stream=True, **kwargs)
-                       if c.choices)
+    streamed = "".join(c.choices[0].delta.content or ""
+                       for c in client.chat.completions.create(stop=stop, stream=True, **kwargs) if c.choices)
     assert streamed == whole[: whole.find(stop)]
 
 

@@ -13,8 +13,8 @@ from rlhf.ops import logprobs_from_logits
 DEMOS = [{"prompt": f"Explain {t} to a 10-year-old.", "completion": f"{t.capitalize()} is {a}."}
          for t, a in [("rain", "water from clouds"), ("wind", "air that moves from place to place"),
                       ("snow", "frozen rain made of tiny ice crystals that fall slowly"), ("the sun", "a star")]]
-PAIRS = [{"prompt": d["prompt"], "chosen": d["completion"], "rejected": f"{d['completion']} {d['completion']} and so on"}
-         for d in DEMOS]
+PAIRS = [{"prompt": d["prompt"], "chosen": d["completion"],
+          "rejected": f"{d['completion']} {d['completion']} and so on"} for d in DEMOS]
 
 
 def run_to_end(steps) -> tuple[list[dict], dict]:

@@ -1,13 +1,15 @@
-"""Each stage for two steps on a tiny random model: finite losses, the trained model changed, frozen models untouched."""
+"""Each stage for two steps on a tiny random model: finite losses, the trained model changed, frozen models
+untouched."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf import pairs, ppo, reward, sft
 from rlhf import models as models_module
+from rlhf import pairs, ppo, reward, sft
 
 DEMOS = [
     {"prompt": "Explain rain to a 10-year-old.", "completion": "Rain is water that falls from clouds."},
@@ -48,7 +50,7 @@ def test_sft_two_steps_changes_weights(tiny_model, write_jsonl, tmp_path):
     assert torch.isfinite(torch.tensor(summary["final_loss"]))
     assert changed(weights(tiny_model), weights(out))
     assert json.loads((out / "rlhf_config.json").read_text())["lr"] == 1e-3
-    rows = [json.loads(l) for l in (tmp_path / "sft_logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "sft_logs" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["loss"] > 0 for r in rows)
 
 
@@ -69,14 +71,30 @@ def test_pairs_writes_preferences_and_candidates(tiny_model, write_jsonl, tmp_pa
     prompts = write_jsonl("prompts.jsonl", PROMPTS[:4])
     summary = pairs.main(pairs.Config(model=str(tiny_model), data=str(prompts), output_dir=str(tmp_path / "p"),
                                       n_responses=3, max_new_tokens=8, bf16=False))
-    rows = [json.loads(l) for l in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "p" / "pairs.jsonl").read_text().splitlines()]
     # 4 prompts x C(3,2)=3 pairs, minus any identical answers (counted)
     assert len(rows) + summary["identical_skipped"] == 12
     assert all({"prompt", "chosen", "rejected"} <= set(r) for r in rows)
     pairs.main(pairs.Config(model=str(tiny_model), data=str(prompts), output_dir=str(tmp_path / "c"),
                             max_new_tokens=8, annotator="none", bf16=False))
-    cands = [json.loads(l) for l in (tmp_path / "c" / "candidates.jsonl").read_text().splitlines()]
+    cands = [json.loads(line) for line in (tmp_path / "c" / "candidates.jsonl").read_text().splitlines()]
     assert len(cands) == 4 and all(len(c["responses"]) == 2 for c in cands)
+
+
+def test_reward_trains_on_pairs_longer_than_max_length(tiny_model, write_jsonl, tmp_path):
+    """Pairs over max_length keep their answers' ends (the prompt's start goes), so chosen and rejected still differ:
+    the loss is not stuck at log 2 and the cut is counted."""
+    long_prompt = "Tell a 10-year-old about volcanoes and " + "rocks and mountains and rivers " * 20
+    rows = [{"prompt": long_prompt, "chosen": f"Volcanoes are hot mountains {i}.", "rejected": f"zz qq {i} xx."}
+            for i in range(6)]
+    out = tmp_path / "rm_long"
+    summary = reward.main(reward.Config(model=str(tiny_model), data=str(write_jsonl("long.jsonl", rows)),
+                                        output_dir=str(out), batch_size=3, eval_fraction=0.0, max_length=48,
+                                        lr=1e-3, bf16=False))
+    assert summary["truncated"] == 12 and summary["skipped_too_long"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "rm_long_logs" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert losses and all(abs(loss - math.log(2)) > 1e-6 for loss in losses)
 
 
 def test_reward_two_steps(tiny_model, pairs_file, tmp_path):
@@ -86,7 +104,7 @@ def test_reward_two_steps(tiny_model, pairs_file, tmp_path):
     summary = reward.main(reward.Config(model=str(tiny_model), data=str(pairs_file), output_dir=str(out),
                                         batch_size=3, eval_fraction=0.25, lr=1e-3, bf16=False))
     assert summary["steps"] == 2 and summary["eval_pairs"] == 2
-    rows = [json.loads(l) for l in (tmp_path / "rm_logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "rm_logs" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     norm = json.loads((out / "rlhf_reward_norm.json").read_text())
     assert norm["std"] > 0
@@ -135,7 +153,7 @@ def test_ppo_two_steps(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatc
                                   output_dir=str(out), steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=8,
                                   lr=1e-3, lora_r=lora_r, kl_estimator=kl_estimator, target_kl=target_kl,
                                   bf16=False, gold=False))
-    rows = [json.loads(l) for l in (tmp_path / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for key in ("score", "kl", "beta", "entropy", "clipfrac", "value_loss", "policy_loss", "response_length"):
         assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows), key
@@ -164,7 +182,7 @@ def test_ppo_separate_critic_model(tiny_model, reward_dir, write_jsonl, tmp_path
     ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts), output_dir=str(out),
                         steps=2, batch_size=4, mini_batch_size=2, max_new_tokens=8, lr=1e-3, value_lr=1e-3,
                         critic="model", bf16=False, gold=False))
-    rows = [json.loads(l) for l in (tmp_path / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["value_loss"] > 0 for r in rows)
     (reward, reward_before), (critic, critic_before) = loaded["reward"]
     assert all(torch.equal(reward_before[k], v) for k, v in reward.state_dict().items())  # the reward model is frozen
@@ -195,7 +213,8 @@ def test_ppo_critic_values_read_every_position(tiny_model, reward_dir):
     values = ppo.critic_values(critic, rollout, bf16=False, device=torch.device("cpu"))
     assert values.shape == (2, 3)
     # the value before the last response token is the classifier's score of the sequence cut just before it
-    cut = Rollout(prompt, prompt_mask, response[:, :2], torch.ones(2, 2, dtype=torch.bool), torch.ones(2, dtype=torch.bool), ["", ""])
+    cut = Rollout(prompt, prompt_mask, response[:, :2], torch.ones(2, 2, dtype=torch.bool),
+                  torch.ones(2, dtype=torch.bool), ["", ""])
     from rlhf.data import position_ids_from_mask
 
     with torch.no_grad():
@@ -210,9 +229,10 @@ def test_ppo_single_update_reuses_the_rollout_forward(tiny_model, reward_dir, wr
     outs = {}
     for reuse in (True, False):
         out = tmp_path / f"ppo_{reuse}"
-        ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts), output_dir=str(out),
-                            steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8, lr=1e-4,
-                            reuse_rollout_forward=reuse, bf16=False, gold=False, monitor_every=0))
+        ppo.main(ppo.Config(policy=str(tiny_model), reward_model=str(reward_dir), data=str(prompts),
+                            output_dir=str(out), steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1,
+                            max_new_tokens=8, lr=1e-4, reuse_rollout_forward=reuse, bf16=False, gold=False,
+                            monitor_every=0))
         outs[reuse] = weights(out)
     assert changed(weights(tiny_model), outs[True])
     # lr 1e-4, not 1e-3: Adam divides by the gradient's own scale, so an entry whose gradient is rounding noise
@@ -222,7 +242,8 @@ def test_ppo_single_update_reuses_the_rollout_forward(tiny_model, reward_dir, wr
         assert torch.allclose(tensor, outs[False][name], atol=1e-6), name
 
 
-def test_ppo_separate_critic_side_by_side_gives_the_same_update(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatch):
+def test_ppo_separate_critic_side_by_side_gives_the_same_update(tiny_model, reward_dir, write_jsonl, tmp_path,
+                                                                monkeypatch):
     """With a separate critic the policy's and the critic's backward passes run at once on CPU (`side_by_side`):
     the trained policy and critic equal those of the run that takes them in turn."""
     import threading
@@ -245,9 +266,11 @@ def test_ppo_separate_critic_side_by_side_gives_the_same_update(tiny_model, rewa
                                 lr=1e-4, value_lr=1e-4, critic="model", side_by_side=side_by_side, bf16=False,
                                 gold=False, monitor_every=0))
             outs[side_by_side] = (weights(out), weights(out / "critic"))
-            logs[side_by_side] = [json.loads(l) for l in (tmp_path / f"ppo_{side_by_side}_logs" / "metrics.jsonl").read_text().splitlines()]
+            logs[side_by_side] = [json.loads(line) for line in
+                                  (tmp_path / f"ppo_{side_by_side}_logs" / "metrics.jsonl").read_text().splitlines()]
             if side_by_side:
-                assert len(lane_threads) == 8 and all(n.startswith("rlhf-lane") for n in lane_threads)  # 2 steps x 2 epochs x 2
+                # 2 steps x 2 epochs x 2
+                assert len(lane_threads) == 8 and all(n.startswith("rlhf-lane") for n in lane_threads)
     finally:
         torch.set_num_threads(before)
     assert len(lane_threads) == 8  # the run in turn used no lane

@@ -10,9 +10,9 @@ from rlhf import cli, report, study, wiring
 from rlhf import config as cfg
 
 # the gold judge (MiniLM) is the slow part on a tiny model: the monitor is off here (tests/test_monitor.py has it)
-TINY_SWEEP = ["--betas", "0,0.1", "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens", "6",
-              "--lr", "1e-3", "--monitor_every", "0", "--max_prompts", "4", "--eval.harmful_prompts", "none",
-              "--bf16", "false", "--device", "cpu"]
+TINY_SWEEP = ["--betas", "0,0.1", "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
+              "--max_new_tokens", "6", "--lr", "1e-3", "--monitor_every", "0", "--max_prompts", "4",
+              "--eval.harmful_prompts", "none", "--bf16", "false", "--device", "cpu"]
 
 
 @pytest.fixture
@@ -24,7 +24,8 @@ def run_folder(tiny_model, tmp_path):
     shutil.copytree(tiny_model, run / "sft")
     tokenizer = load_tokenizer(tiny_model)
     torch.manual_seed(0)
-    save_atomic(run / "reward", model=load_reward_model(tiny_model, torch.device("cpu"), tokenizer), tokenizer=tokenizer)
+    save_atomic(run / "reward", model=load_reward_model(tiny_model, torch.device("cpu"), tokenizer),
+                tokenizer=tokenizer)
     return run
 
 
@@ -42,7 +43,7 @@ def test_kl_sweep_end_to_end(run_folder, capsys):
     assert sweep["seconds"]["total"] > 0 and sweep["claim_holds"] in (True, False)
     assert (sweep_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # each β is a run folder of its own: its PPO checkpoint (at a fixed β) and logs
-    rows = [json.loads(l) for l in (sweep_dir / "beta_0" / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (sweep_dir / "beta_0" / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["beta"] for r in rows] == [0.0, 0.0]
     assert json.loads((sweep_dir / "beta_0.1" / "ppo" / "rlhf_config.json").read_text())["target_kl"] == 0.0
     assert "KL sweep" in out and "β=0.1" in out and "verdict" in out and "took" in out and "Claim" in out

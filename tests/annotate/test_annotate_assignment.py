@@ -8,8 +8,7 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from rlhf.annotate import store
-from rlhf.annotate.candidates import pair_key
-from rlhf.annotate.candidates import PairSpec
+from rlhf.annotate.candidates import PairSpec, pair_key
 
 
 def add_pairs(engine, n: int) -> None:

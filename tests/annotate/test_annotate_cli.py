@@ -98,7 +98,8 @@ def test_export_majority_vote_drops_and_counts_the_rest(db_url, engine, write_ca
         "A4": ["both_bad", "a", "both_bad"],  # both bad: dropped
         "A5": ["a", "b", "tie"],          # no majority: dropped
     }, users, k=3)
-    main(["import", str(write_candidates([{"prompt": "six", "responses": ["A6", "B6"]}], "more.jsonl")), "--db", db_url])
+    main(["import", str(write_candidates([{"prompt": "six", "responses": ["A6", "B6"]}], "more.jsonl")),
+          "--db", db_url])
     capsys.readouterr()
 
     out = tmp_path / "prefs" / "prefs.jsonl"

@@ -119,7 +119,8 @@ def test_logout_needs_the_token_and_ends_the_session(app):
 
 def test_response_html_is_escaped_and_inline_script_forbidden(app):
     evil = "<script>alert(1)</script><img src=x onerror=alert(2)>"
-    store.import_pairs(engine_of(app), [PairSpec("<b>p</b>", evil, evil + " ", pair_key("<b>p</b>", evil, evil + " "))], "t")
+    store.import_pairs(engine_of(app),
+                       [PairSpec("<b>p</b>", evil, evil + " ", pair_key("<b>p</b>", evil, evil + " "))], "t")
     client = logged_in(app, "ann")
     seen = ""
     for _ in range(4):  # label until the evil pair comes up
