@@ -3,7 +3,8 @@
 Each script (`sft_reward_parity.py`, `dpo_parity.py`) describes its stages as `Stage`s and calls `run`:
 
 1. parity: the stage's own check (fp32, tiny random Llama), printed by the stage;
-2. speed: bf16 autocast, TRL's own training loop with a callback that, after each TRL step, times one
+2. speed: each side in its precision (`--precision`: by default ours with `bf16: auto` and TRL in bf16 where the
+   CPU computes it natively, else fp32), TRL's own training loop with a callback that, after each TRL step, times one
    step of ours (`next()` on the stage's `training` generator: our real loop, logging included), so the
    two alternate in one process on the same data every step;
 3. memory: each side alone in a child process (this script again, `--child STAGE:SIDE`), the child's
@@ -30,13 +31,20 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import _isa  # noqa: E402
+
+ISA = _isa.reexec()  # --isa LEVEL: the caps must be in the environment before torch is imported
+
 import torch  # noqa: E402
 
 from rlhf.data import builtin_task_dir  # noqa: E402
 from rlhf.models import build_tiny_model, resolve_model_path  # noqa: E402
 
 BATCH = 8  # examples (SFT) or pairs (reward, DPO) per step, on both sides
-COMPILE = False  # ours with `compile: true` (set by --compile)
+COMPILE: bool | None = None  # ours' `compile`: None = its default, else --compile (True) or --eager (False)
+OURS_BF16: bool | str = "auto"  # ours' `bf16` in the speed and memory parts (--precision)
+TRL_BF16 = True  # TRL's bf16 in the speed and memory parts: --precision, or with auto its best on this CPU
+PRECISION = "auto"  # the --precision flag, passed on to the memory children
 TARGET = 1.3  # wanted: TRL's s/step / ours ≥ this, with ours' peak memory no higher
 
 
@@ -65,6 +73,18 @@ def templated_prompt(tokenizer, prompt: str) -> str:
 def speed_model(tmp: Path, tiny: bool) -> Path:
     """The model the speed and memory parts train: the embedded SmolLM2-135M-Instruct, or with --tiny a tiny Llama."""
     return build_tiny_model(tmp / "tiny_speed", seed=0) if tiny else resolve_model_path("default")
+
+
+def ours_settings(bf16: bool | None = None) -> dict:
+    """Our stage's precision and compile settings: the speed part's (--precision, --compile / --eager, else our
+    defaults), or with `bf16` given (the parity part) that precision, eager."""
+    if bf16 is not None:
+        return {"bf16": bf16, "compile": False}
+    return {"bf16": OURS_BF16, **({} if COMPILE is None else {"compile": COMPILE})}
+
+
+def trl_bf16(bf16: bool | None = None) -> bool:
+    return TRL_BF16 if bf16 is None else bf16
 
 
 def trl_args(config_class, out: Path, bf16: bool, max_steps: int = -1, **stage_args):
@@ -163,7 +183,8 @@ def speed(stage: Stage, tmp: Path, steps: int, tiny: bool) -> dict:
     trl_tokens = int(batch["attention_mask"].sum())
     identical = stage.same_ids(trainer, model_dir)
     label = "tiny random Llama" if tiny else f"SmolLM2-135M-Instruct ({model_dir})"
-    print(f"\n== {stage.name} speed: {label}, bf16 autocast, batch {BATCH}, {torch.get_num_threads()} threads ==")
+    precision = f"ours bf16: {OURS_BF16}, TRL {'bf16' if TRL_BF16 else 'fp32'}"
+    print(f"\n== {stage.name} speed: {label}, {precision}, batch {BATCH}, {torch.get_num_threads()} threads ==")
     print(f"token ids identical: {identical}; real tokens per step: ours {our_tokens[0]}, TRL {trl_tokens}; "
           f"TRL batch {tuple(batch['input_ids'].shape)}")
     trainer.train()
@@ -200,8 +221,8 @@ def memory(stage: Stage, steps: int, tiny: bool) -> dict:
     """Peak RSS of each side alone, each in its own child process running `steps` steps."""
     peaks = {}
     for side in ("ours", "trl"):
-        command = [sys.executable, sys.argv[0], "--child", f"{stage.name}:{side}", "--steps", str(steps)] + (
-            ["--compile"] if COMPILE else [])
+        command = [sys.executable, sys.argv[0], "--child", f"{stage.name}:{side}", "--steps", str(steps),
+                   "--isa", ISA, "--precision", PRECISION] + {True: ["--compile"], False: ["--eager"]}.get(COMPILE, [])
         done = subprocess.run(command + (["--tiny"] if tiny else []), capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_MIB ")]
         if done.returncode != 0 or not lines:
@@ -244,10 +265,22 @@ def run(description: str, stages: list[Stage]) -> int:
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--compile", action="store_true", help="ours with `compile: true` (TRL as it runs)")
+    parser.add_argument("--eager", action="store_true", help="ours with `compile: false`")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="auto: ours with `bf16: auto`, TRL in bf16 where this CPU computes it natively, else "
+                             "fp32 (its best here); bf16 or fp32: both sides so")
+    parser.add_argument("--isa", default="native", choices=list(_isa.LEVELS),
+                        help="cap the instruction set torch and oneDNN use (see bench/_isa.py)")
+    parser.add_argument("--json", default="", help="write the results (and the machine) here")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # STAGE:SIDE, run by the memory part
     args = parser.parse_args()
-    global COMPILE
-    COMPILE = args.compile
+    global COMPILE, OURS_BF16, TRL_BF16, PRECISION
+    COMPILE = True if args.compile else False if args.eager else None
+    PRECISION = args.precision
+    from rlhf.hardware import cpu_info
+
+    OURS_BF16 = {"auto": "auto", "bf16": True, "fp32": False}[args.precision]
+    TRL_BF16 = cpu_info().native_bf16 if args.precision == "auto" else args.precision == "bf16"
     by_name = {s.name: s for s in stages}
     if args.child:
         name, side = args.child.split(":")
@@ -256,8 +289,11 @@ def run(description: str, stages: list[Stage]) -> int:
     import transformers
     import trl
 
+    machine = _isa.machine()
+    print(f"machine: {_isa.describe(machine)}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; ours compile {COMPILE if COMPILE is not None else 'default'}, "
+          f"bf16 {OURS_BF16}; TRL bf16 {TRL_BF16}")
     chosen = [by_name[n] for n in args.only] if args.only else stages
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -273,4 +309,8 @@ def run(description: str, stages: list[Stage]) -> int:
             if not args.skip_memory:
                 stage.results.update(memory(stage, args.steps + 1, args.tiny))
     summary(chosen)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "ours_compile": COMPILE, "ours_bf16": OURS_BF16,
+                                               "trl_bf16": TRL_BF16, "stages": {s.name: s.results for s in chosen}},
+                                              indent=2))
     return 0 if ok else 1

@@ -9,7 +9,8 @@ A script, not a test: TRL lives in its own environment (see bench/README.md).
    from the built-in demonstrations. Ours is the first step of `rlhf.dpo.training` (its loss is computed
    before the first update); TRL's is `DPOTrainer.compute_loss` on its first collated batch. Both
    tokenisations are compared id by id first. Pass: |difference| < 1e-4.
-2. Speed, bf16 autocast on both sides: the embedded SmolLM2-135M-Instruct (--tiny: a tiny Llama) as policy
+2. Speed, each side in its precision (`--precision`: by default ours with `bf16: auto`, TRL in bf16 where the CPU
+   computes it natively, else fp32): the embedded SmolLM2-135M-Instruct (--tiny: a tiny Llama) as policy
    and a second copy as reference, the same 8 pairs (16 sequences) every step, the reference computed every
    step on both sides. TRL runs its own training loop; a callback times each TRL step (on_step_begin →
    on_step_end: forward, backward, clip, optimiser, scheduler) and then times one step of ours, `next()` on
@@ -40,16 +41,17 @@ def rows() -> list[dict]:
     return common.demonstration_pairs(common.BATCH)
 
 
-def dpo_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool = True, reference: Path | None = None):
+def dpo_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool | None = None,
+             reference: Path | None = None):
     """`rlhf.dpo.training` on the 8 pairs; the reference is a second copy of the model unless given."""
     data = write_jsonl(tmp / "pairs.jsonl", rows())
     return dpo.training(dpo.Config(model=str(model_dir), reference=str(reference or ""), data=str(data),
                                    output_dir=str(tmp / "run"), batch_size=common.BATCH, eval_fraction=0.0,
                                    epochs=float(steps), beta=BETA, lr=LR, warmup_ratio=0.0, max_length=1024,
-                                   bf16=bf16, compile=common.COMPILE, device="cpu"))
+                                   **common.ours_settings(bf16), device="cpu"))
 
 
-def dpo_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool = True,
+def dpo_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool | None = None,
             reference: Path | None = None):
     """DPOTrainer on the plain-string form with the chat template already applied to the prompt.
 
@@ -64,8 +66,8 @@ def dpo_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16:
     tokenizer = load_tokenizer(model_dir)
     data = Dataset.from_list([{"prompt": common.templated_prompt(tokenizer, r["prompt"]), "chosen": r["chosen"],
                                "rejected": r["rejected"]} for r in rows()])
-    args = common.trl_args(DPOConfig, out, bf16, max_steps, learning_rate=LR, beta=BETA, loss_type=["sigmoid"],
-                           max_length=1024)
+    args = common.trl_args(DPOConfig, out, common.trl_bf16(bf16), max_steps, learning_rate=LR, beta=BETA,
+                           loss_type=["sigmoid"], max_length=1024)
     return DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
                       ref_model=AutoModelForCausalLM.from_pretrained(reference or model_dir, dtype=torch.float32),
                       args=args, train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks))

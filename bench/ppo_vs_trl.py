@@ -51,6 +51,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import _isa  # noqa: E402
+
+ISA = _isa.reexec()  # --isa LEVEL: the caps must be in the environment before torch is imported
+
 import torch  # noqa: E402
 
 from rlhf import ppo  # noqa: E402
@@ -65,9 +69,9 @@ TEMPERATURE = 0.7
 BETA = 0.05
 LR = 3e-6  # TRL 1.12 PPOConfig's default learning rate
 EOS_PENALTY = 1.0
-COMPILE = False  # ours with `compile: true` (decoder layers compiled for scoring and training; set by --compile)
+COMPILE: bool | None = None  # ours' `compile`: None = its default; --compile (True) or --eager (False)
 SIDE_BY_SIDE = True  # ours with `side_by_side: true`, its default (--in-turn sets false: the ablation)
-COMPILE_DECODE = True  # with --compile, ours with `compile_decode: true`, its default (--eager-decode: the ablation)
+COMPILE_DECODE = True  # ours with `compile_decode: true`, its default (--eager-decode: the ablation)
 
 
 def peak_rss_mib() -> float:
@@ -128,8 +132,12 @@ def bench_prompts(count: int) -> list:
     return read_prompts(resolve_data_path("builtin:prompts_train"))[:count]
 
 
-# name → (critic of ours, ours under bf16 autocast, TRL's models under bf16 autocast put on by this harness, title)
+# name → (critic of ours, ours' `bf16`, TRL's models under bf16 autocast put on by this harness ("native": where the
+# CPU computes bf16 natively, TRL's best precision there), title)
 SETTINGS = {
+    "auto": ("model", "auto", "native", "like-for-like, ours in its default settings (`bf16: auto`, compile as by "
+                                        "default); TRL in its best precision on this CPU (bf16 where native, "
+                                        "else fp32)"),
     "fp32": ("model", False, False, "like-for-like, fp32: four models, batch 8, 48-token responses, 1 PPO epoch; "
                                     "both sides fp32"),
     "bf16": ("model", True, True, "like-for-like, bf16 autocast: as above, both sides under bf16 autocast "
@@ -137,6 +145,16 @@ SETTINGS = {
     "defaults": ("head", True, False, "defaults: ours bf16 with the value head on the policy (3 models); TRL 1.12 in "
                                       "fp32, the only precision its PPOTrainer applies on CPU"),
 }
+
+
+def setting_of(name: str) -> tuple:
+    """SETTINGS[name] with "native" resolved: TRL under bf16 autocast where this CPU computes bf16 natively."""
+    critic, ours_bf16, trl_autocast, title = SETTINGS[name]
+    if trl_autocast == "native":
+        from rlhf.hardware import cpu_info
+
+        trl_autocast = DEVICE == "cuda" or cpu_info().native_bf16
+    return critic, ours_bf16, trl_autocast, title
 
 
 def in_autocast(function):
@@ -191,8 +209,10 @@ def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path
                       max_new_tokens=RESPONSE_TOKENS, temperature=TEMPERATURE, lr=LR,
                       value_lr=LR if critic == "model" else 1e-3, critic=critic,
                       beta=BETA, kl_estimator="k1", normalize_reward=False, missing_eos_penalty=EOS_PENALTY, gold=False,
-                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16, compile=COMPILE,
-                      compile_decode=COMPILE_DECODE, side_by_side=SIDE_BY_SIDE, device=DEVICE, seed=0)
+                      monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16,
+                      **({} if COMPILE is None else {"compile": COMPILE}),
+                      **({} if COMPILE_DECODE else {"compile_decode": False}), side_by_side=SIDE_BY_SIDE, device=DEVICE,
+                      seed=0)
 
 
 class TimedGeneration:
@@ -227,7 +247,7 @@ def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, setting
 
     prompts = bench_prompts(BATCH * (steps + 1) * 2)
     prompts_file = write_jsonl(tmp / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    critic, ours_bf16, trl_autocast, _ = SETTINGS[setting]
+    critic, ours_bf16, trl_autocast, _ = setting_of(setting)
     ours_steps = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / f"ours_{setting}", steps, critic,
                                          ours_bf16))
     generation = TimedGeneration(trl_autocast)
@@ -286,7 +306,8 @@ def peak_memory_mib() -> float:
 def child_peak_memory(side: str, tmp: Path, setting: str) -> float:
     """Peak memory of one side alone (3 iterations), in its own process: RSS on CPU, allocated memory on a GPU."""
     command = [sys.executable, __file__, "--memory-child", side, "--setting", setting, "--workdir", str(tmp),
-               "--model", MODEL, "--device", DEVICE] + (["--compile"] if COMPILE else []) \
+               "--model", MODEL, "--device", DEVICE, "--isa", ISA] \
+        + {True: ["--compile"], False: ["--eager"]}.get(COMPILE, []) \
         + ([] if SIDE_BY_SIDE else ["--in-turn"]) + ([] if COMPILE_DECODE else ["--eager-decode"])
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     for line in result.stdout.splitlines():
@@ -299,7 +320,7 @@ def memory_child(side: str, tmp: Path, setting: str) -> None:
     policy_dir, reward_dir = build_models(tmp)
     prompts = bench_prompts(BATCH * 4)
     steps = 3
-    critic, ours_bf16, trl_autocast, _ = SETTINGS[setting]
+    critic, ours_bf16, trl_autocast, _ = setting_of(setting)
     if side == "trl":
         generation = TimedGeneration(trl_autocast)  # noqa: F841 (it wraps TRL's generation in autocast when asked)
         trl_trainer(policy_dir, reward_dir, prompts, tmp / "mem_trl", steps, autocast=trl_autocast).train()
@@ -343,7 +364,7 @@ def generation_check(policy_dir: Path, repeats: int = 3) -> dict:
 
         def ours(model=model):
             rollout = sample(model, tokenizer, prompts, RESPONSE_TOKENS, TEMPERATURE, batch_size=BATCH, bf16=True,
-                             min_new_tokens=RESPONSE_TOKENS, compiled=COMPILE and COMPILE_DECODE)  # as PPO samples
+                             min_new_tokens=RESPONSE_TOKENS, compiled=bool(COMPILE) and COMPILE_DECODE)  # as PPO does
             return rollout.response_ids.shape[1] * BATCH
 
         for name, run in (("transformers_generate", hf), ("ours", ours)):
@@ -421,6 +442,9 @@ def main() -> None:
     parser.add_argument("--generation", action="store_true", help="also compare generation tokens/s")
     parser.add_argument("--compile", action="store_true", help="ours with `compile: true` (TRL 1.12's PPOTrainer has "
                                                                "no compile path: its accelerator has no dynamo plugin)")
+    parser.add_argument("--eager", action="store_true", help="ours with `compile: false`")
+    parser.add_argument("--isa", default="native", choices=list(_isa.LEVELS),
+                        help="cap the instruction set torch and oneDNN use (see bench/_isa.py)")
     parser.add_argument("--eager-decode", action="store_true",
                         help="with --compile, ours with `compile_decode: false`: sampling's decode steps eager "
                              "(the ablation)")
@@ -433,7 +457,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global MODEL, DEVICE, COMPILE, SIDE_BY_SIDE, COMPILE_DECODE
-    MODEL, DEVICE, COMPILE = ("tiny" if args.tiny else args.model), args.device, args.compile
+    MODEL, DEVICE = ("tiny" if args.tiny else args.model), args.device
+    COMPILE = True if args.compile else False if args.eager else None
     SIDE_BY_SIDE = not args.in_turn
     COMPILE_DECODE = not args.eager_decode
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -450,8 +475,9 @@ def main() -> None:
           f"{os.cpu_count()} CPU threads")
     results = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                             "trl": trl.__version__},
-               "ours_compiled": COMPILE, "ours_side_by_side": SIDE_BY_SIDE,
-               "ours_compiled_decode": COMPILE and COMPILE_DECODE}
+               "ours_compile": COMPILE, "ours_side_by_side": SIDE_BY_SIDE, "ours_compile_decode": COMPILE_DECODE,
+               "machine": _isa.machine()}
+    print(f"machine: {_isa.describe(results['machine'])}")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         policy_dir, reward_dir = build_models(tmp)
@@ -462,8 +488,9 @@ def main() -> None:
         if unknown:
             parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
         for setting in settings:
-            title = SETTINGS[setting][3]
+            title = setting_of(setting)[3]
             summary = summarise(alternate(policy_dir, reward_dir, tmp, args.steps + 1, setting))
+            summary["trl_bf16"] = setting_of(setting)[2]
             if not args.skip_memory:
                 for side in ("ours", "trl"):
                     summary[side]["peak_rss_mib"] = child_peak_memory(side, tmp, setting)

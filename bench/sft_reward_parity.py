@@ -18,7 +18,8 @@ For each stage (details of the speed and memory parts in bench/_common.py):
      TRL gets our pad token (`reward_pad_id`: not EOS, which pad is by default and which would make the
      classifier pool at the turn-closing EOS) and a max_length no pair reaches (it silently drops longer pairs).
      Ours is the first step of `rlhf.reward.training`; TRL's is `RewardTrainer.compute_loss` (Bradley–Terry).
-2. Speed, bf16 autocast on both sides, the embedded SmolLM2-135M-Instruct (--tiny: the tiny Llama), the same
+2. Speed, each side in its precision (`--precision`, by default ours with `bf16: auto` and TRL in bf16 where the CPU
+   computes it natively, else fp32), the embedded SmolLM2-135M-Instruct (--tiny: the tiny Llama), the same
    8 examples/pairs every step, TRL's loop and ours alternating step by step in one process.
 3. Peak memory: each side alone in its own child process for steps + 1 steps.
 
@@ -48,14 +49,14 @@ def sft_rows() -> list[dict]:
     return common.demonstrations(common.BATCH)
 
 
-def sft_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool = True):
+def sft_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool | None = None):
     data = write_jsonl(tmp / "demonstrations.jsonl", sft_rows())
     return sft.training(sft.Config(model=str(model_dir), data=str(data), output_dir=str(tmp / "run"),
                                    batch_size=common.BATCH, epochs=float(steps), lr=SFT_LR, warmup_ratio=0.0,
-                                   max_length=1024, bf16=bf16, compile=common.COMPILE, device="cpu"))
+                                   max_length=1024, **common.ours_settings(bf16), device="cpu"))
 
 
-def sft_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool = True):
+def sft_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool | None = None):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -63,7 +64,8 @@ def sft_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16:
     tokenizer = load_tokenizer(model_dir)
     data = Dataset.from_list([{"prompt": common.templated_prompt(tokenizer, r["prompt"]), "completion": r["completion"]}
                               for r in sft_rows()])
-    args = common.trl_args(SFTConfig, out, bf16, max_steps, learning_rate=SFT_LR, max_length=1024,
+    args = common.trl_args(SFTConfig, out, common.trl_bf16(bf16), max_steps, learning_rate=SFT_LR,
+                           max_length=1024,
                            completion_only_loss=True)
     return SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), args=args,
                       train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks))
@@ -95,15 +97,15 @@ def reward_rows() -> list[dict]:
     return common.demonstration_pairs(common.BATCH)
 
 
-def reward_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool = True):
+def reward_ours(model_dir: Path, tmp: Path, steps: int, bf16: bool | None = None):
     data = write_jsonl(tmp / "pairs.jsonl", reward_rows())
     return reward.training(reward.Config(model=str(model_dir), data=str(data), output_dir=str(tmp / "run"),
                                          eval_fraction=0.0, batch_size=common.BATCH, epochs=float(steps), lr=REWARD_LR,
-                                         warmup_ratio=0.0, max_length=1024, bf16=bf16, compile=common.COMPILE,
+                                         warmup_ratio=0.0, max_length=1024, **common.ours_settings(bf16),
                                          device="cpu"))
 
 
-def reward_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool = True):
+def reward_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf16: bool | None = None):
     """RewardTrainer on the conversational form (TRL applies the chat template, as `encode_conversation` does)."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
@@ -115,7 +117,8 @@ def reward_trl(model_dir: Path, out: Path, max_steps: int = -1, callbacks=(), bf
                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in reward_rows()])
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(reward_pad_id(tokenizer))  # TRL pads and pools with it
-    args = common.trl_args(RewardConfig, out, bf16, max_steps, learning_rate=REWARD_LR, max_length=1024)
+    args = common.trl_args(RewardConfig, out, common.trl_bf16(bf16), max_steps, learning_rate=REWARD_LR,
+                           max_length=1024)
     hf_logging.set_verbosity_error()  # a causal-LM folder: "score.weight newly initialised" is expected
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
     return RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
