@@ -22,6 +22,7 @@ import torch
 
 from rlhf.data import pad_right, position_ids_from_mask
 from rlhf.fast.casts import cast_norm_outputs_once, linears_to_bf16
+from rlhf.fast.compile import use_training_attention
 from rlhf.hardware import autocast
 from rlhf.ops import logprobs_from_logits
 
@@ -175,6 +176,7 @@ def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = Tru
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     disable_dropout(model)
     cast_norm_outputs_once(model)
+    use_training_attention(model)
     model.to(device)
     model.eval()  # dropout is off anyway; eval() also keeps any other train-only behaviour off
     if not trainable:
@@ -201,6 +203,7 @@ def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainab
     model.config.pad_token_id = reward_pad_id(tokenizer)
     disable_dropout(model)
     cast_norm_outputs_once(model)
+    use_training_attention(model)
     model.to(device)
     model.eval()
     if not trainable:

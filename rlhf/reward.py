@@ -86,7 +86,7 @@ def pair_scores(model, pairs: list[tuple[list[int], list[int]]], pad_id: int,
     kernels other than SDPA take no such mask: there each conversation is its own right-padded row.
     """
     backbone, head = model.base_model, getattr(model, "score", None)
-    if model.config._attn_implementation != "sdpa" or head is None or backbone is model:
+    if model.config._attn_implementation not in ("sdpa", fast.TRAINING_ATTENTION) or head is None or backbone is model:
         ids, attention = pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
         scores = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits[:, 0]
         return scores.float().chunk(2)

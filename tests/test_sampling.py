@@ -8,6 +8,7 @@ import torch
 
 from rlhf.data import encode_prompt, pad_left
 from rlhf.fast import attention_for_width, linears_to_bf16
+from rlhf.fast import compile as fast_compile
 from rlhf.hardware import autocast
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.rollout import decode, draw_tokens, next_token
@@ -129,7 +130,9 @@ def test_bf16_linears_give_the_autocast_numbers(tiny_model):
         linears_to_bf16(load_causal_lm(tiny_model, CPU, trainable=True))
 
 
-def test_attention_kernel_choice_agrees_and_applies_to_short_bf16_cpu_sequences_only(tiny_model):
+def test_attention_kernel_choice_agrees_and_applies_to_short_bf16_cpu_sequences_only(tiny_model, monkeypatch):
+    """On an AMX CPU eager short bf16 passes take the math kernel; elsewhere our loaders' flash forward."""
+    monkeypatch.setattr(fast_compile, "eager_flash", lambda: False)
     tokenizer = load_tokenizer(tiny_model)
     model = load_causal_lm(tiny_model, CPU, trainable=False)
     ids, mask = _prompts(tokenizer)
@@ -142,6 +145,34 @@ def test_attention_kernel_choice_agrees_and_applies_to_short_bf16_cpu_sequences_
     assert isinstance(attention_for_width(CPU, ids.shape[1], bf16=False), contextlib.nullcontext)
     assert isinstance(attention_for_width(CPU, 10_000, bf16=True), contextlib.nullcontext)
     assert isinstance(attention_for_width(torch.device("cuda"), 64, bf16=True), contextlib.nullcontext)
+    monkeypatch.setattr(fast_compile, "eager_flash", lambda: True)
+    assert isinstance(attention_for_width(CPU, ids.shape[1], bf16=True), contextlib.nullcontext)
+
+
+def test_without_amx_every_eager_bf16_pass_runs_the_same_flash_forward(tiny_model, monkeypatch):
+    """Without AMX, scoring (no grad) and training (grad) passes both take `masked_attention`'s flash forward, so a
+    frozen reference and a trainable policy with the same weights give the same logits bit for bit (KL 0 at the
+    start), and the training pass's gradients match the math kernel's to bf16 rounding."""
+    monkeypatch.setattr(fast_compile, "eager_flash", lambda: True)
+    calls = []
+    real = fast_compile.masked_attention
+    monkeypatch.setattr(fast_compile, "masked_attention", lambda *args: calls.append(1) or real(*args))
+    tokenizer = load_tokenizer(tiny_model)
+    policy, reference = load_causal_lm(tiny_model, CPU), load_causal_lm(tiny_model, CPU, trainable=False)
+    ids, mask = _prompts(tokenizer)
+    with autocast(CPU, True):
+        with torch.no_grad():
+            frozen = reference(input_ids=ids, attention_mask=mask).logits
+        trained = policy(input_ids=ids, attention_mask=mask).logits
+    assert calls and torch.equal(frozen, trained)
+    trained.float().square().mean().backward()
+    ours = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    monkeypatch.setattr(fast_compile, "eager_flash", lambda: False)
+    with autocast(CPU, True), attention_for_width(CPU, ids.shape[1], True):
+        policy(input_ids=ids, attention_mask=mask).logits.float().square().mean().backward()
+    for mine, math in zip(ours, (p.grad for p in policy.parameters())):
+        assert torch.nn.functional.cosine_similarity(mine.flatten(), math.flatten(), dim=0) > 0.99
 
 
 def _saved_bytes(model, ids, mask) -> tuple[int, torch.Tensor]:

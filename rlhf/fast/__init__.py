@@ -17,13 +17,19 @@ from typing import Iterator
 import torch
 
 from rlhf.fast.casts import cast_norm_outputs_once, linears_to_bf16, weights_cast_once
-from rlhf.fast.compile import attention_for_width, compile_layers, eager_layers
+from rlhf.fast.compile import (
+    TRAINING_ATTENTION,
+    attention_for_width,
+    compile_layers,
+    eager_layers,
+    use_training_attention,
+)
 from rlhf.fast.decoder import LayerStackDecoder, ModelWithCache, covers
 from rlhf.fast.lanes import SideBySide, backward_and_clip
 
-__all__ = ["LayerStackDecoder", "ModelWithCache", "SideBySide", "attention_for_width", "backward_and_clip",
-           "cast_norm_outputs_once", "compile_layers", "covers", "decoder_for", "eager_layers", "linears_to_bf16",
-           "weights_cast_once"]
+__all__ = ["TRAINING_ATTENTION", "LayerStackDecoder", "ModelWithCache", "SideBySide", "attention_for_width",
+           "backward_and_clip", "cast_norm_outputs_once", "compile_layers", "covers", "decoder_for", "eager_layers",
+           "linears_to_bf16", "use_training_attention", "weights_cast_once"]
 
 
 @contextmanager

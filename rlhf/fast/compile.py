@@ -28,13 +28,25 @@ SHORT_SEQUENCE = 160  # at or below this width the math attention kernel beats f
 TRAINING_ATTENTION = "rlhf_sdpa"  # the attention implementation `compile_layers` gives the models it compiles
 
 
+@functools.cache
+def eager_flash() -> bool:
+    """Whether eager short bf16 passes on this CPU take the flash forward (and our backward) rather than the math
+    kernel. Without AMX the math kernel's forward is the slow part of a scoring pass (several times the flash
+    forward's time at PPO's widths) while its backward is only a little faster than ours, so the flash forward
+    wins over a PPO iteration; with AMX the math kernel's fused backward wins (bench/README.md)."""
+    from rlhf.hardware import cpu_info
+
+    return not cpu_info().amx
+
+
 def attention_for_width(device: torch.device, width: int, bf16: bool):
     """The scaled-dot-product-attention kernel for an eager training or scoring pass `width` tokens wide.
 
-    The math kernel for short bf16 sequences on CPU (its (width × width) matrices stay small there, and the flash
-    backward is slow); elsewhere (fp32, CUDA, long sequences) SDPA's own choice. The two agree to rounding.
+    On an AMX CPU the math kernel for short bf16 sequences (its (width × width) matrices stay small there, and the
+    flash backward is slow); elsewhere (fp32, CUDA, long sequences, CPUs without AMX, where models loaded by
+    `rlhf.models` take `masked_attention`) SDPA's own choice. The kernels agree to rounding.
     """
-    if not bf16 or device.type != "cpu" or width > SHORT_SEQUENCE:
+    if not bf16 or device.type != "cpu" or width > SHORT_SEQUENCE or eager_flash():
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -42,16 +54,16 @@ def attention_for_width(device: torch.device, width: int, bf16: bool):
 
 
 def _training_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' attention function for compiled layers: `masked_attention` for short bf16 sequences on CPU.
+    """transformers' attention function for our models: `masked_attention` for short bf16 sequences on CPU.
 
-    Inside a compiled layer the math kernel's softmax is the slow part of the layer, and eager our backward's
-    unfused steps lose to the math kernel, so only compiled passes take this. Every model of a run is compiled
-    alike, so the policy and the reference still run the same kernels. Anything else (eager, fp32, CUDA, longer
-    widths, steps with a KV cache) is transformers' SDPA path.
+    Compiled layers always take it there (inside a compiled layer the math kernel's softmax is the slow part);
+    eager passes take it on CPUs without AMX (`eager_flash`), where every pass, scoring or training, then runs
+    the same flash forward, so the policy and the reference still compute the same numbers (KL 0 at the start).
+    Anything else (fp32, CUDA, longer widths, steps with a KV cache) is transformers' SDPA path.
     """
     width = query.shape[2]
-    if (torch.compiler.is_compiling() and query.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and dropout == 0.0
+    if ((torch.compiler.is_compiling() or eager_flash()) and query.device.type == "cpu"
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 and dropout == 0.0
             and 1 < width == key.shape[2] <= SHORT_SEQUENCE and kwargs.get("position_bias") is None
             and (attention_mask is None or attention_mask.dtype == torch.bool)):
         if attention_mask is None:  # no padding: causal (or full) attention, as SDPA's is_causal would give
@@ -65,6 +77,13 @@ def _training_attention(module, query, key, value, attention_mask, dropout=0.0, 
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+def use_training_attention(model: torch.nn.Module) -> None:
+    """Give a model loaded for CPU work `TRAINING_ATTENTION` in place of SDPA (a saved config.json does not carry
+    it); other attention implementations are left alone."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(_register_training_attention())
 
 
 @functools.cache
