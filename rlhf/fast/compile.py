@@ -63,7 +63,8 @@ def _training_attention(module, query, key, value, attention_mask, dropout=0.0, 
     """
     width = query.shape[2]
     if ((torch.compiler.is_compiling() or eager_flash()) and query.device.type == "cpu"
-            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16 and dropout == 0.0
+            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and dropout == 0.0
             and 1 < width == key.shape[2] <= SHORT_SEQUENCE and kwargs.get("position_bias") is None
             and (attention_mask is None or attention_mask.dtype == torch.bool)):
         if attention_mask is None:  # no padding: causal (or full) attention, as SDPA's is_causal would give
