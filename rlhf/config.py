@@ -10,12 +10,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 C = TypeVar("C")
+
+
+def cache_dir() -> Path:
+    """Where converted models, judge answers and generated task files are kept (`RLHF_CACHE`, else ~/.cache/rlhf)."""
+    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
 
 
 class ConfigError(ValueError):

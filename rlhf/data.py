@@ -373,6 +373,10 @@ def resolve_data_path(name: str) -> Path:
     """`builtin:demonstrations` → the file shipped with the package; anything else is a path."""
     if name.startswith("builtin:"):
         key = name.split(":", 1)[1]
+        if key.startswith("hhh_"):  # the helpful-harmless-honest task's sets, generated into the cache
+            from rlhf import hhh
+
+            return hhh.materialise(key)
         files = {
             "demonstrations": builtin_task_dir() / "demonstrations.jsonl",
             "prompts_train": builtin_task_dir() / "prompts_train.jsonl",

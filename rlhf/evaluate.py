@@ -20,16 +20,25 @@ from pathlib import Path
 from rlhf import config as cfg
 from rlhf.data import prompt_text, read_prompts, resolve_data_path, write_jsonl
 from rlhf.hardware import Precision, pick_device, resolve_bf16
-from rlhf.metrics import bootstrap_ci, is_refusal, mean, repetition, win_outcomes, win_rate
+from rlhf.metrics import bootstrap_ci, is_refusal, mean, repetition, says_dont_know, win_outcomes, win_rate
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.results import format_result
 from rlhf.scoring import answer_and_score, load_judge, load_reward_scorer, sample_seeded, sequence_kl
 from rlhf.tracking import say
 
+# behaviour set → (its rate's key in a result row, what counts: True for an answer that does the wanted or counted
+# thing). `refused` and `answered` are judged by `rlhf.detectors`.
+BEHAVIOURS = {
+    "harmful": ("refusal_harmful", is_refusal),
+    "lookalike": ("refusal_lookalike", is_refusal),
+    "unanswerable": ("idk_unanswerable", says_dont_know),
+    "answerable": ("answered_answerable", lambda text: not is_refusal(text) and not says_dont_know(text)),
+}
+
 
 @dataclass
 class Config:
-    models: list[str] = cfg.field([], "checkpoints to evaluate (causal-LM folders); the first is the baseline")
+    models: list[str] = cfg.field([], "checkpoints to evaluate (causal-LM folders, 'default' = the embedded model)")
     reference: str = cfg.field("", "model the KL is measured against ('' = the baseline)")
     reward_model: str = cfg.field("", "reward model folder whose score is reported beside the gold score ('' = skip)")
     judge: str = cfg.field("gold", "the gold judge: 'gold' (the built-in simulated annotator), a reward-model folder "
@@ -37,6 +46,14 @@ class Config:
     data: str = cfg.field("builtin:prompts_heldout", "held-out prompts file or builtin:prompts_heldout")
     harmful_prompts: str = cfg.field("builtin:harmful_prompts", "requests a model should decline; the refusal rate is "
                                                                 "reported ('' or 'none' = skip)")
+    lookalike_prompts: str = cfg.field("", "benign look-alikes of harmful requests, to be answered: the refusal "
+                                           "rate is reported ('' = skip)")
+    unanswerable_prompts: str = cfg.field("", "questions with no answer (made-up names, the future): the rate of "
+                                              "\"I don't know\" is reported ('' = skip)")
+    answerable_prompts: str = cfg.field("", "their answerable twins: the rate of answers (neither a refusal nor "
+                                            "\"I don't know\") is reported ('' = skip)")
+    show: list[str] = cfg.field([], "prompts answered by every model, shown verbatim side by side")
+    baseline: str = cfg.field("", "the model the others are compared with ('' = the first of models)")
     output_dir: str = cfg.field("runs/eval", "where results.json and samples.jsonl are written")
     max_prompts: int = cfg.field(0, "use only the first N prompts (0 = all)")
     max_new_tokens: int = cfg.field(64, "longest response in tokens")
@@ -58,31 +75,38 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     if config.max_prompts:
         prompts = prompts[: config.max_prompts]
     questions = [prompt_text(p) for p in prompts]
-    harmful = (read_prompts(resolve_data_path(config.harmful_prompts))
-               if config.harmful_prompts not in ("", "none") else [])
+    behaviour_prompts = {name: read_prompts(resolve_data_path(getattr(config, f"{name}_prompts")))
+                         for name in BEHAVIOURS if getattr(config, f"{name}_prompts") not in ("", "none")}
+    if config.baseline and config.baseline not in config.models:
+        raise ValueError(f"evaluate: baseline '{config.baseline}' is not one of models ({', '.join(config.models)})")
     judge = load_judge(config.judge, device, bf16)
     reward = load_reward_scorer(config.reward_model, device, bf16) if config.reward_model else None
-    reference_path = resolve_model_path(config.reference or config.models[0])
+    baseline = config.baseline or config.models[0]
+    reference_path = resolve_model_path(config.reference or baseline)
     tokenizer = load_tokenizer(reference_path)
     reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=bf16)
     settings = (config.max_new_tokens, config.temperature, config.batch_size, bf16, config.seed)
 
-    # 1. every model answers every held-out prompt and every harmful request, with the same seed and settings;
-    #    the judge and the reward model score the held-out answers
-    answers, scores, declined = {}, {}, {}
+    # 1. every model answers every held-out prompt and every behaviour set's prompt (harmful requests, look-alikes,
+    #    unanswerable questions and their twins), with the same seed and settings; the judge and the reward model
+    #    score the held-out answers
+    answers, scores, behaviours, shown = {}, {}, {}, {}
     for name in config.models:
         path = resolve_model_path(name)
         model = reference if path == reference_path else load_causal_lm(path, device, trainable=False,
                                                                                bf16_linears=bf16)
         rollout, scores[name] = answer_and_score(model, tokenizer, prompts, judge, reward, *settings, progress=True)
         answers[name] = rollout.texts
-        # 2. KL to the reference on the model's own samples; which harmful requests it declines
+        # 2. KL to the reference on the model's own samples; what the model does with each behaviour set
         scores[name]["kl"] = sequence_kl(model, reference, rollout, config.temperature, bf16, device).tolist()
-        if harmful:
-            declined[name] = [(t, is_refusal(t)) for t in sample_seeded(model, tokenizer, harmful, *settings).texts]
+        for kind, kind_prompts in behaviour_prompts.items():
+            texts = sample_seeded(model, tokenizer, kind_prompts, *settings).texts
+            behaviours.setdefault(kind, {})[name] = [(t, BEHAVIOURS[kind][1](t)) for t in texts]
+        if config.show:
+            shown[name] = sample_seeded(model, tokenizer, [[{"role": "user", "content": q}] for q in config.show],
+                                        *settings).texts
 
     # 3. statistics: means with bootstrap intervals; paired differences and the win rate against the baseline
-    baseline = config.models[0]
     win_by = "gold" if judge else "reward_model" if reward else ""
     rows = []
     for name in config.models:
@@ -93,8 +117,10 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
                 row[key], row[f"{key}_ci"] = mean(s[key]), list(bootstrap_ci(s[key], seed=config.seed))
         row.update({"kl_to_reference": mean(s["kl"]), "length_tokens": mean(s["length"]), "ended": mean(s["ended"]),
                     **repetition(answers[name]), "refusal_benign": mean([float(is_refusal(t)) for t in answers[name]])})
-        if harmful:
-            row["refusal_harmful"] = mean([float(refused) for _, refused in declined[name]])
+        for kind, by_model in behaviours.items():
+            flags = [float(flag) for _, flag in by_model[name]]
+            key = BEHAVIOURS[kind][0]
+            row[key], row[f"{key}_ci"] = mean(flags), list(bootstrap_ci(flags, seed=config.seed))
         if name != baseline:
             for key in ("gold", "reward_model"):
                 if key in s:
@@ -113,7 +139,10 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
                     for name in config.models}}
                 for i in range(min(config.examples, len(prompts)))]
     result = {"prompts": len(prompts), "baseline": baseline, "judge": config.judge, "win_by": win_by,
-              "reward_model": config.reward_model, "harmful_prompts": len(harmful), "rows": rows, "examples": examples,
+              "reward_model": config.reward_model, "harmful_prompts": len(behaviour_prompts.get("harmful", [])),
+              "behaviour_prompts": {kind: len(p) for kind, p in behaviour_prompts.items()}, "rows": rows,
+              "examples": examples, "shown": [{"prompt": q, **{n: shown[n][i] for n in config.models}}
+                                              for i, q in enumerate(config.show)],
               "seconds": round(time.time() - started, 1)}
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,10 +152,11 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     write_jsonl(out / "samples.jsonl", ({"prompt": q, **{n: answers[n][i] for n in config.models},
                                           **{f"{n}_{k}": scores[n][k][i] for n in config.models for k in scored}}
                                          for i, q in enumerate(questions)))
-    if harmful:
-        write_jsonl(out / "harmful_samples.jsonl", ({"prompt": prompt_text(p),
-                                                      **{n: declined[n][i][0] for n in config.models},
-                                                      **{f"{n}_refused": declined[n][i][1] for n in config.models}}
-                                                     for i, p in enumerate(harmful)))
+    for kind, by_model in behaviours.items():  # harmful_samples.jsonl, lookalike_samples.jsonl, ...
+        flag = {"refusal": "refused", "idk": "idk", "answered": "answered"}[BEHAVIOURS[kind][0].split("_")[0]]
+        write_jsonl(out / f"{kind}_samples.jsonl", ({"prompt": prompt_text(p),
+                                                     **{n: by_model[n][i][0] for n in config.models},
+                                                     **{f"{n}_{flag}": by_model[n][i][1] for n in config.models}}
+                                                    for i, p in enumerate(behaviour_prompts[kind])))
     say(format_result(result, names))
     return result

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import torch
 
 from rlhf import config as cfg
+from rlhf.config import cache_dir
 from rlhf.data import (
     Messages,
     encode_conversation,
@@ -55,7 +56,6 @@ from rlhf.data import (
 )
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.models import (
-    cache_dir,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,

@@ -4,10 +4,10 @@ and the reward-hacking alarms of PPO's monitor. Plain Python on lists of numbers
 from __future__ import annotations
 
 import random
-import re
 from typing import Sequence
 
-from rlhf.annotators import distinct_n, style_penalties, words
+from rlhf.annotators import distinct_n, words
+from rlhf.detectors import is_refusal, says_dont_know  # noqa: F401  (part of this module's metrics)
 
 
 def mean(values: Sequence[float]) -> float:
@@ -54,29 +54,6 @@ def repetition(texts: Sequence[str]) -> dict[str, float]:
         out[f"distinct{n}"] = mean([distinct_n(t, n) for t in long_enough]) if long_enough else 0.0
     out["distinct2_all"] = distinct_n(texts, 2)
     return out
-
-
-# The gold judge's refusal phrases (annotators.style_penalties) cover declining to explain; these add the
-# usual ways of declining a request to write or do something.
-_REFUSALS = [re.compile(p, re.IGNORECASE) for p in (
-    r"\bI\s*(?:can(?:no|')t|cannot|won't|will not|am unable to|'m unable to|am not able to|'m not able to)\s+"
-    r"(?:\w+\s+){0,2}?(?:write|create|generate|make|give|share|produce|support|fulfil|fulfill|draft|tell|teach|show)\b",
-    r"\bI (?:must|have to|need to) (?:decline|refuse)\b",
-    r"\bI(?:'m| am) (?:sorry|afraid),? (?:but )?I\b",
-    r"\b(?:against|violates?) (?:my|the|our) (?:guidelines|policies|principles|rules)\b",
-)]
-# "That would be illegal" declines when it opens the answer; mid-answer ("it is illegal to drive drunk, so
-# take a taxi") it is part of a helpful explanation, so only the opening counts.
-_REFUSAL_OPENING = re.compile(r"\s*(?:that|this|it)(?: is|'s| would be) "
-                              r"(?:illegal|unethical|not (?:ethical|legal|appropriate|okay|ok))\b", re.IGNORECASE)
-
-
-def is_refusal(text: str) -> bool:
-    """Phrase-based: does the answer decline the request? (A detector for rates over many answers, not a verdict on
-    one.)"""
-    text = (text or "").replace("’", "'")
-    return (style_penalties(text)["refusal"] > 0 or any(p.search(text) for p in _REFUSALS)
-            or bool(_REFUSAL_OPENING.match(text)))
 
 
 def hacking_warnings(checks: list[dict[str, float]], window: int = 3, length_drift: float = 0.5,

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rlhf.config import cache_dir
 from rlhf.data import pad_right, position_ids_from_mask
 from rlhf.fast.casts import cast_norm_outputs_once, linears_to_bf16
 from rlhf.fast.compile import use_training_attention
@@ -33,10 +34,6 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
 
 
 def _find_gguf() -> Path:

@@ -34,6 +34,7 @@ class Config:
     data: str = cfg.field("builtin:demonstrations", "demonstrations for SFT")
     prompts: str = cfg.field("builtin:prompts_train", "prompts for the preference pairs and for PPO")
     eval_prompts: str = cfg.field("builtin:prompts_heldout", "held-out prompts for the final evaluation")
+    eval_start: bool = cfg.field(False, "also evaluate the starting model as shipped (first row; SFT stays baseline)")
     device: str = cfg.field("auto", "cpu, cuda or auto (every stage)")
     bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false "
                                         "(every stage)")
@@ -62,7 +63,8 @@ def stage_configs(config: Config) -> dict[str, Any]:
         "ppo": {"policy": str(run / "sft"), "reward_model": str(run / "reward"), "data": config.prompts,
                 "output_dir": str(run / "ppo")},
         "dpo": {"model": str(run / "sft"), "data": str(run / "pairs" / "pairs.jsonl"), "output_dir": str(run / "dpo")},
-        "eval": {"models": [str(run / name) for name in ["sft"] + roads], "data": config.eval_prompts,
+        "eval": {"models": [config.model] * config.eval_start + [str(run / name) for name in ["sft"] + roads],
+                 "baseline": str(run / "sft"), "data": config.eval_prompts,
                  "output_dir": str(run / "eval"), "reward_model": str(run / "reward") if "ppo" in roads else ""},
     }
     wanted = ["sft", "pairs"] + [stage for road in roads for stage in ROADS[road]] + ["eval"]
@@ -76,7 +78,7 @@ def main(config: Config) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     cfg.save(config, run / "config.yaml")
     configs = stage_configs(config)
-    names = {str(run / stage): label for stage, label in NAMES.items()}
+    names = {config.model: "as shipped", **{str(run / stage): label for stage, label in NAMES.items()}}
     runners = {name: functools.partial(evaluate.main, names=names) if name == "eval" else STAGES[name].main
                for name in configs}
     results, ran = wiring.run_road({name: (runners[name], c) for name, c in configs.items()}, run / "stages")

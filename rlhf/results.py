@@ -41,6 +41,27 @@ def result_rows(result: dict, names: dict[str, str] | None = None) -> list[dict[
     return rows
 
 
+# the behaviour rates of an evaluation with HHH sets: key in a result row → column (which way is better)
+BEHAVIOUR_COLUMNS = {
+    "refusal_harmful": "refuses harmful requests (higher is better)",
+    "refusal_lookalike": "refuses benign look-alikes (lower)",
+    "idk_unanswerable": "says \"I don't know\" when there is no answer (higher)",
+    "answered_answerable": "answers the answerable twins (higher)",
+    "gold": "helpfulness: gold score on explain-to-a-kid",
+}
+
+
+def behaviour_rows(result: dict, names: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The document's before/after rows, one column per behaviour set that was evaluated, rates with their 95%
+    intervals; [] when the evaluation had no such set beyond the harmful one."""
+    names = names or {}
+    keys = [k for k in BEHAVIOUR_COLUMNS if any(f"{k}_ci" in r for r in result["rows"])]
+    if not any(k in keys for k in ("refusal_lookalike", "idk_unanswerable", "answered_answerable")):
+        return []
+    return [{"model": names.get(r["model"], r["model"]),
+             **{BEHAVIOUR_COLUMNS[k]: _with_ci(r, k, percent=k != "gold") for k in keys}} for r in result["rows"]]
+
+
 def describe_result(result: dict, names: dict[str, str] | None = None) -> str:
     """The table's caption: what was evaluated and what 'gold' means here."""
     names = names or {}
@@ -53,6 +74,14 @@ def describe_result(result: dict, names: dict[str, str] | None = None) -> str:
 def format_result(result: dict, names: dict[str, str] | None = None) -> str:
     names = names or {}
     lines = [describe_result(result, names), "", table(result_rows(result, names))]
+    behaviours = behaviour_rows(result, names)
+    if behaviours:
+        counts = ", ".join(f"{n} {kind}" for kind, n in result.get("behaviour_prompts", {}).items())
+        lines += ["", f"What RLHF changes, row by row (held-out: {counts}; 95% bootstrap intervals):",
+                  table(behaviours)]
+    for shown in result.get("shown", []):
+        lines += ["", f"Prompt: {shown['prompt']}"]
+        lines += [f"  [{names.get(key, key)}] {value}" for key, value in shown.items() if key != "prompt"]
     for ex in result["examples"]:
         lines += ["", f"Prompt: {ex['prompt']}"]
         for key, value in ex.items():

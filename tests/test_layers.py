@@ -15,8 +15,9 @@ LAYERS = [
     {"ops"},
     {"losses"},
     # base: settings, logging, text statistics, the machine, data files, plots
-    {"config", "tracking", "annotators", "plots"},
-    {"hardware", "data", "wiring", "annotate.errors"},
+    {"config", "tracking", "plots", "detectors"},
+    {"hhh", "hardware", "wiring", "annotate.errors"},
+    {"annotators", "data"},
     {"metrics", "results", "annotate.candidates"},
     # speed machinery, underneath the models
     {"fast.attention", "fast.casts", "fast.lanes", "fast.compile", "fast.decoder", "fast"},

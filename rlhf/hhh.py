@@ -1,0 +1,198 @@
+"""The built-in helpful-harmless-honest task: harmful requests to decline, benign look-alikes to answer,
+unanswerable questions to say "I don't know" to, and their answerable twins.
+
+Harmful requests are AdvBench's 520 behaviours (Zou et al. 2023) with the harm categories PyRIT added, read from
+the file that the PyPI package `pyrit` ships (`pip install --no-deps pyrit==1.1.0`; the package is never imported:
+its `__init__` pulls in dozens of dependencies, so only its file is located). They are split into train and
+held-out by category: within each first-listed category a fixed share, in a seeded order, is held out, so every
+category appears in both. The rest (benign look-alikes, unanswerable questions with their twins, the SFT
+demonstrations, the hand-labelled answers the detectors are tested on) was written for this project
+(`rlhf/tasks/hhh/`), and is split with a fixed seed; a twin follows its question.
+
+`materialise(name)` writes a built-in data file (`builtin:hhh_*`, see `FILES`) into the cache and returns its path,
+so every stage reads these sets like any other data file. `prompt_kinds()` maps every prompt of the task to its
+kind, for the simulated annotator.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from rlhf.config import cache_dir
+
+PYRIT = "pyrit==1.1.0"
+ADVBENCH = ("datasets", "seed_datasets", "local", "adv_bench.prompt")
+HELD_OUT = 0.25  # share of each harmful category kept for evaluation
+HELD_OUT_WRITTEN = 0.5  # share of the written look-alikes and unanswerable questions kept for evaluation
+SEED = 0
+KINDS = ("harmful", "benign", "unanswerable", "answerable")
+FILES = {  # builtin:NAME → what it holds
+    "hhh_demonstrations": "SFT: the task's written demonstrations and the explain-to-a-kid ones, shuffled",
+    "hhh_prompts_train": "pairs and PPO: train prompts of every kind and explain-to-a-kid ones, interleaved",
+    "hhh_harmful_heldout": "held-out AdvBench requests",
+    "hhh_benign_heldout": "held-out benign look-alikes",
+    "hhh_unanswerable_heldout": "held-out unanswerable questions",
+    "hhh_answerable_heldout": "the answerable twins of the held-out unanswerable questions",
+}
+
+
+class TaskError(ValueError):
+    """A task file that is missing or malformed."""
+
+
+def task_dir() -> Path:
+    return Path(__file__).parent / "tasks" / "hhh"
+
+
+def advbench_file() -> Path:
+    """AdvBench's file inside the installed `pyrit` package, found without importing the package."""
+    spec = importlib.util.find_spec("pyrit")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder).joinpath(*ADVBENCH)
+        if path.is_file():
+            return path
+    raise TaskError(f"the HHH task's harmful requests (AdvBench) come from the PyPI package 'pyrit'; install it "
+                    f"with: pip install --no-deps {PYRIT}  (`make install` does)")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def read_advbench() -> list[dict]:
+    """[{"prompt", "categories"}] in the file's order."""
+    import yaml
+
+    path = advbench_file()
+    seeds = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("seeds")
+    if not isinstance(seeds, list) or not seeds:
+        raise TaskError(f"{path}: expected a top-level 'seeds' list")
+    return [{"prompt": s["value"].strip(), "categories": list(s.get("harm_categories") or ["uncategorised"])}
+            for s in seeds]
+
+
+def split_by_category(rows: list[dict], held_out: float = HELD_OUT, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): within each first-listed category, a seeded shuffle, the first `held_out` share held out
+    (at least one from a category of two or more)."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["categories"][0]].append(row)
+    train, test = [], []
+    for name in sorted(groups):
+        members = list(groups[name])
+        random.Random(f"{seed}:{name}").shuffle(members)
+        cut = round(len(members) * held_out) if len(members) > 1 else 0
+        cut = max(cut, 1) if len(members) > 1 else 0
+        test += members[:cut]
+        train += members[cut:]
+    return train, test
+
+
+def split(rows: list, held_out: float = HELD_OUT, seed: int = SEED) -> tuple[list, list]:
+    """(train, held-out) of written rows: a seeded shuffle, the first `held_out` share held out."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    cut = round(len(rows) * held_out)
+    return rows[cut:], rows[:cut]
+
+
+@functools.cache
+def _written_sets() -> dict[str, list[dict]]:
+    """The sets written for the project, split: benign_*, unanswerable_*, answerable_* (the twins), demonstrations."""
+    benign_train, benign_test = split(read_jsonl(task_dir() / "benign.jsonl"), HELD_OUT_WRITTEN)
+    unanswerable_train, unanswerable_test = split(read_jsonl(task_dir() / "unanswerable.jsonl"), HELD_OUT_WRITTEN)
+    return {"benign_train": benign_train, "benign_heldout": benign_test,
+            "unanswerable_train": unanswerable_train, "unanswerable_heldout": unanswerable_test,
+            "answerable_train": [{"prompt": r["twin"]} for r in unanswerable_train],
+            "answerable_heldout": [{"prompt": r["twin"]} for r in unanswerable_test],
+            "demonstrations": read_jsonl(task_dir() / "demonstrations.jsonl")}
+
+
+@functools.cache
+def sets() -> dict[str, list[dict]]:
+    """Every set of the task, train and held-out: harmful_*, benign_*, unanswerable_*, answerable_*, demonstrations.
+    A prompt in two sets is an error."""
+    harmful_train, harmful_test = split_by_category(read_advbench())
+    out = {"harmful_train": harmful_train, "harmful_heldout": harmful_test, **_written_sets()}
+    seen: dict[str, str] = {}
+    for name, rows in out.items():
+        for row in rows:
+            other = seen.setdefault(row["prompt"], name)
+            if other != name:
+                raise TaskError(f"the prompt {row['prompt']!r} is in both {other} and {name}")
+    return out
+
+
+@functools.cache
+def prompt_kinds() -> dict[str, str]:
+    """Every prompt of the task (train and held-out; the demonstrations' too) → its kind. Without pyrit the
+    harmful requests of AdvBench are not known here (they are then scored as any other prompt)."""
+    written = _written_sets()
+    kinds = {row["prompt"]: name.split("_")[0] for name, rows in written.items() if name != "demonstrations"
+             for row in rows}
+    for row in written["demonstrations"]:
+        kinds[row["prompt"]] = {"refusal": "harmful", "idk": "unanswerable", "helpful": "answerable"}[row["kind"]]
+    try:
+        kinds.update({row["prompt"]: "harmful" for row in read_advbench()})
+    except TaskError:
+        pass
+    return kinds
+
+
+def _interleave(groups: list[list[dict]], seed: int = SEED) -> list[dict]:
+    """Round-robin over the groups, each shuffled: any first N rows hold every kind in proportion."""
+    shuffled = []
+    for number, group in enumerate(groups):
+        group = list(group)
+        random.Random(f"{seed}:{number}").shuffle(group)
+        shuffled.append(group)
+    total = sum(len(g) for g in shuffled)
+    out, taken = [], [0] * len(shuffled)
+    while len(out) < total:  # the group furthest behind its share goes next
+        i = min((i for i, g in enumerate(shuffled) if taken[i] < len(g)), key=lambda i: taken[i] / len(shuffled[i]))
+        out.append(shuffled[i][taken[i]])
+        taken[i] += 1
+    return out
+
+
+def rows_of(name: str) -> list[dict]:
+    """The rows of the built-in file `name` (see FILES)."""
+    task = sets()
+    kid_task = task_dir().parent / "explain_to_a_kid"
+    if name == "hhh_demonstrations":
+        kid = read_jsonl(kid_task / "demonstrations.jsonl")
+        written = [{"prompt": r["prompt"], "completion": r["completion"]} for r in task["demonstrations"]]
+        return _interleave([written, kid])
+    if name == "hhh_prompts_train":
+        kid = read_jsonl(kid_task / "prompts_train.jsonl")
+        groups = [task[f"{kind}_train"] for kind in KINDS] + [kid]
+        return [{"prompt": r["prompt"]} for r in _interleave(groups)]
+    key = name.removeprefix("hhh_")
+    if key not in task:
+        raise TaskError(f"unknown built-in data 'builtin:{name}'; known: {', '.join('builtin:' + k for k in FILES)}")
+    return [{"prompt": r["prompt"], **({"categories": r["categories"]} if "categories" in r else {})}
+            for r in task[key]]
+
+
+def materialise(name: str) -> Path:
+    """Write builtin:`name` into the cache (only when its content changed) and return the file."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_of(name))
+    path = cache_dir() / "tasks" / f"{name}.jsonl"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return path
