@@ -24,6 +24,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLHF_CACHE", Path.home() / ".cache" / "rlhf"))
 
 
+def cached_jsonl(name: str, rows: list[dict]) -> Path:
+    """Rows written as `<cache>/tasks/<name>.jsonl` (rewritten only when they changed, atomically) → the file: how
+    generated built-in data (`builtin:hhh_*`, `builtin:arithmetic_*`) becomes a file like any other."""
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    path = cache_dir() / "tasks" / f"{name}.jsonl"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the stage's config."""
 

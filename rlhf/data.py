@@ -199,6 +199,11 @@ def read_prompts(path: str | Path) -> list[Messages]:
     return [parse_prompt(r) for r in read_records(path)]
 
 
+def read_prompt_rows(path: str | Path) -> list[tuple[Messages, dict[str, Any]]]:
+    """Prompts with the other fields of their rows (an `answer` to check, a category), for reward functions."""
+    return [(parse_prompt(r), {k: v for k, v in r.data.items() if k != "prompt"}) for r in read_records(path)]
+
+
 def read_demonstrations(path: str | Path) -> list[tuple[Messages, str]]:
     return [parse_demonstration(r) for r in read_records(path)]
 
@@ -377,6 +382,10 @@ def resolve_data_path(name: str) -> Path:
             from rlhf import hhh
 
             return hhh.materialise(key)
+        if key in ("arithmetic_train", "arithmetic_heldout"):  # the verifiable task's problems, likewise
+            from rlhf import verifiable
+
+            return verifiable.materialise(key)
         files = {
             "demonstrations": builtin_task_dir() / "demonstrations.jsonl",
             "prompts_train": builtin_task_dir() / "prompts_train.jsonl",

@@ -23,7 +23,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from rlhf.config import cache_dir
+from rlhf.config import cached_jsonl
 
 PYRIT = "pyrit==1.1.0"
 ADVBENCH = ("datasets", "seed_datasets", "local", "adv_bench.prompt")
@@ -188,11 +188,4 @@ def rows_of(name: str) -> list[dict]:
 
 def materialise(name: str) -> Path:
     """Write builtin:`name` into the cache (only when its content changed) and return the file."""
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_of(name))
-    path = cache_dir() / "tasks" / f"{name}.jsonl"
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-    return path
+    return cached_jsonl(name, rows_of(name))

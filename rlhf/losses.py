@@ -8,6 +8,9 @@
 - ``ppo_policy_loss``: clipped surrogate objective.
 - ``ppo_value_loss``: clipped value-function loss.
 - ``adaptive_kl_beta``: the proportional KL controller of Ziegler et al. (2019).
+- ``grpo_advantages``, ``dr_grpo_advantages``, ``rloo_advantages``: group baselines of the critic-free methods;
+  ``discounted_returns`` (REINFORCE++), ``overlong_penalty`` (DAPO), ``clipped_surrogate`` with asymmetric clip,
+  and three ways to aggregate a per-token loss (``token_mean``, ``sequence_mean``, ``constant_mean``); ``kl_loss``.
 - ``dpo_loss``: direct preference optimisation -log σ(β·h), h the chosen-minus-rejected log-ratio.
 - ``ipo_loss``: identity preference optimisation (h - 1/(2β))².
 - ``cdpo_loss``: conservative DPO, DPO with label smoothing ε (a share ε of labels assumed flipped).
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from rlhf.ops import masked_mean, masked_sum
 
 Stats = Dict[str, torch.Tensor]
+MAX_LOG_RATIO = 20.0  # exp(20) ≈ 5e8: k3 stays finite where the policy gives a token ~0 probability
 
 
 def sft_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, Stats]:
@@ -227,6 +231,101 @@ def adaptive_kl_beta(
     if not math.isfinite(new_beta):
         raise ValueError(f"adaptive_kl_beta produced {new_beta}")
     return new_beta
+
+
+# --- critic-free online RL: GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++ ----------------------------------
+# A batch holds ``group_size`` answers per prompt, next to each other: ``scores`` ``(N,)`` with N = prompts ×
+# group_size. Each estimator gives every answer one advantage (REINFORCE++: one per token); the policy loss
+# is the clipped surrogate, aggregated over tokens in one of three ways.
+
+
+def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 for a group baseline, got {group_size}")
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"scores {tuple(scores.shape)} do not split into groups of {group_size}")
+    return scores.view(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024): (r - mean of its group) / (std of its group + eps), ``(N,)``.
+
+    The std is the unbiased one (as TRL and verl compute it); a group whose answers all score the same gets 0."""
+    groups = _grouped(scores, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    return (centred / (groups.std(dim=1, keepdim=True) + eps)).reshape(-1)
+
+
+def dr_grpo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO (Liu et al. 2025): r - mean of its group, without GRPO's division by the std (which weighs the
+    questions whose answers barely differ the most), ``(N,)``."""
+    groups = _grouped(scores, group_size)
+    return (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024): r_i minus the mean of the other k-1 answers of its group,
+    = (k·r_i - Σ_group r) / (k - 1), ``(N,)``."""
+    groups = _grouped(scores, group_size)
+    return ((group_size * groups - groups.sum(dim=1, keepdim=True)) / (group_size - 1)).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = Σ_{s≥t} γ^(s-t) r_s over the valid tokens of each row, ``(B, T)`` → ``(B, T)`` (0 on padding).
+    REINFORCE++ (Hu 2025) takes these returns, with the KL penalty inside the per-token rewards, as the
+    advantages after whitening them over the whole batch (`ops.whiten`)."""
+    valid = mask.bool()
+    rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return torch.where(valid, returns, torch.zeros_like(returns))
+
+
+def overlong_penalty(lengths: torch.Tensor, max_length: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment, ``(B,)``: 0 up to max_length - buffer tokens, then falling linearly to -1
+    at max_length (and -1 beyond): an answer near the limit loses a little, one cut off the most."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"the overlong buffer must be in (0, max_length={max_length}], got {buffer}")
+    over = lengths.float() - (max_length - buffer)
+    return -(over / buffer).clamp(min=0.0, max=1.0)
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      clip_low: float = 0.2, clip_high: float = 0.2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate loss max(-A·ρ, -A·clip(ρ, 1-clip_low, 1+clip_high)) and whether the clipped term
+    is the active one, both ``(B, T)``; ρ = exp(logprobs - old_logprobs). PPO clips symmetrically; DAPO raises
+    clip_high (e.g. 0.28) so that unlikely tokens with a positive advantage can grow faster."""
+    ratio = torch.exp(logprobs - old_logprobs.detach())
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).detach()
+
+
+def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over every valid token of the batch (PPO, DAPO): a long answer weighs by its length."""
+    return masked_mean(x, mask)
+
+
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each answer's tokens, then over answers (GRPO): a short answer's tokens weigh more."""
+    return masked_mean(x, mask, dim=1).mean()
+
+
+def constant_mean(x: torch.Tensor, mask: torch.Tensor, max_length: int) -> torch.Tensor:
+    """Sum over valid tokens divided by a constant, rows × max_length (Dr. GRPO): no length bias either way."""
+    return masked_sum(x, mask) / (x.shape[0] * max_length)
+
+
+def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, aggregate=token_mean,
+            **aggregate_args) -> torch.Tensor:
+    """The KL to the reference as a loss term (GRPO's way, instead of inside the reward): k3 per token, with its
+    gradient, aggregated like the policy loss."""
+    log_ratio = (ref_logprobs.detach() - logprobs).clamp(max=MAX_LOG_RATIO)
+    return aggregate(torch.expm1(log_ratio) - log_ratio, mask, **aggregate_args)
 
 
 # --- preference optimisation: DPO and its variants ---------------------------------------------------
