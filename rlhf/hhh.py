@@ -152,19 +152,14 @@ def prompt_kinds() -> dict[str, str]:
 
 
 def _interleave(groups: list[list[dict]], seed: int = SEED) -> list[dict]:
-    """Round-robin over the groups, each shuffled: any first N rows hold every kind in proportion."""
+    """Round-robin over the groups, each shuffled: the first N rows hold every kind about equally (a group that runs
+    out drops out)."""
     shuffled = []
     for number, group in enumerate(groups):
         group = list(group)
         random.Random(f"{seed}:{number}").shuffle(group)
         shuffled.append(group)
-    total = sum(len(g) for g in shuffled)
-    out, taken = [], [0] * len(shuffled)
-    while len(out) < total:  # the group furthest behind its share goes next
-        i = min((i for i, g in enumerate(shuffled) if taken[i] < len(g)), key=lambda i: taken[i] / len(shuffled[i]))
-        out.append(shuffled[i][taken[i]])
-        taken[i] += 1
-    return out
+    return [group[i] for i in range(max(map(len, shuffled))) for group in shuffled if i < len(group)]
 
 
 def rows_of(name: str) -> list[dict]:
