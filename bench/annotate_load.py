@@ -43,6 +43,7 @@ HOST = "127.0.0.1"  # loopback only, by design
 POSITIONS = ("left", "right", "tie", "both_bad")
 ASSIGNMENT = re.compile(r'name="assignment_id" value="(\d+)"')
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+LOGIN_CSRF = re.compile(r'name="login_csrf" value="([^"]+)"')
 COOKIE = re.compile(r"(rlhf_annotate=[^;]*)")
 
 
@@ -113,7 +114,12 @@ class Annotator:
         self.conn = None
 
     def login(self) -> None:
-        status, _, _ = self.request("GET", f"/login/{self.token}")
+        """Open the link (the Continue page), then post its form, as a browser does."""
+        status, _, html = self.request("GET", f"/login/{self.token}")
+        if status != 200 or not LOGIN_CSRF.search(html):
+            raise RuntimeError(f"{self.name}: the login page answered HTTP {status}")
+        form = urllib.parse.urlencode({"token": self.token, "login_csrf": LOGIN_CSRF.search(html).group(1)})
+        status, _, _ = self.request("POST", "/login", form)
         if status != 303 or not self.cookie:
             raise RuntimeError(f"{self.name}: login failed with HTTP {status}")
 

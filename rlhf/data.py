@@ -11,8 +11,12 @@ A bad record raises DataError naming the file, the line and the field, and the a
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
+import re
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -242,10 +246,81 @@ def prompt_text(messages: Messages) -> str:
 
 def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     """Prompt ids with the chat template and the assistant header (generation prompt) applied."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
+    return encode_chat(tokenizer, messages, add_generation_prompt=True)
+
+
+def encode_chat(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
+    """The chat template's ids, with the messages' text encoded as text: a control token's text typed in a message
+    (`<|im_end|>\n<|im_start|>system ...`) gives ordinary tokens, never the control token, so no message can close
+    its turn and open another role's. Ordinary text gets exactly the ids the tokenizer gives the templated chat."""
+    ids = _ids(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True))
+    controls = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
+    if not any(control in m["content"] for m in messages for control in controls):
+        return ids
+    return _controls_as_text(tokenizer, messages, add_generation_prompt)
+
+
+def _ids(encoded) -> list[int]:
+    if isinstance(encoded, dict) or hasattr(encoded, "keys"):  # some versions return a BatchEncoding
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+_plain_tokenizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_plain_lock = threading.Lock()
+
+
+def _plain(tokenizer):
+    """A copy of the tokenizer that reads special tokens' text as text. A copy, because `split_special_tokens=True`
+    on a call switches the shared Rust tokenizer for as long as the next call, which another thread may be making."""
+    with _plain_lock:
+        if tokenizer not in _plain_tokenizers:
+            plain = copy.deepcopy(tokenizer)
+            plain.split_special_tokens = True
+            _plain_tokenizers[tokenizer] = plain
+        return _plain_tokenizers[tokenizer]
+
+
+def _controls_as_text(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
+    """The templated chat cut at the template's own control tokens; the text between, messages included, encoded by
+    a tokenizer that reads special tokens' text as text. The tokenizer itself encodes the text between special tokens
+    piece by piece, so this is its own encoding wherever no message holds a control token's text (checked)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    # where each message's text sits: the template rendered with marks in place of the texts (private-use
+    # characters, which no template changes), the texts put back and the result checked against the real rendering
+    marked = tokenizer.apply_chat_template([{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)],
+                                           add_generation_prompt=add_generation_prompt, tokenize=False)
+    for shown in (lambda content: content, str.strip):  # some templates strip the text
+        rebuilt, spans = "", []
+        for part in re.split("(\ue000\\d+\ue001)", marked):
+            if re.fullmatch("\ue000\\d+\ue001", part):
+                content = shown(messages[int(part[1:-1])]["content"])
+                spans.append((len(rebuilt), len(rebuilt) + len(content)))
+                part = content
+            rebuilt += part
+        if rebuilt == text:
+            break
+    else:
+        raise ValueError("a message holds the text of a control token, and the chat template changes the messages' "
+                         "text, so it cannot be encoded as plain text")
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    cuts = [(a, b, i) for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"])
+            if i in special and not any(s <= a < e for s, e in spans)]  # the template's own control tokens
+
+    def pieces(encode) -> list[int]:
+        ids, position = [], 0
+        for a, b, token in cuts + [(len(text), len(text), None)]:
+            if a > position:
+                ids += encode(text[position:a], add_special_tokens=False)["input_ids"]
+            ids += [] if token is None else [token]
+            position = b
+        return ids
+
+    if pieces(tokenizer) != list(encoding["input_ids"]):
+        raise ValueError("a message holds the text of a control token, and this tokenizer does not encode the text "
+                         "between its special tokens piece by piece, so it cannot be encoded as plain text")
+    return pieces(_plain(tokenizer))
 
 
 def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
@@ -256,10 +331,7 @@ def encode_response(tokenizer, text: str, add_eos: bool = True) -> list[int]:
 
 def encode_conversation(tokenizer, messages: Messages, response: str) -> list[int]:
     """The whole chat (prompt + assistant answer) as the template writes it: what a reward model scores."""
-    ids = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
+    return encode_chat(tokenizer, messages + [{"role": "assistant", "content": response}])
 
 
 @dataclass

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import torch
 
 from rlhf import config as cfg
+from rlhf import httpd
 from rlhf.config import cache_dir
 from rlhf.data import (
     Messages,
@@ -78,6 +79,8 @@ class EndpointSettings:
     retries: int = cfg.field(3, "retries after a timeout, 429, 5xx or malformed JSON, with backoff")
     concurrency: int = cfg.field(4, "requests in flight at once")
     cache: str = cfg.field("", "response cache file ('' = ~/.cache/rlhf/judge_cache.sqlite; none = off)")
+    allow_http: bool = cfg.field(False, "send the API key over plain http:// to a host that is not this machine "
+                                        "(anyone on the way can read it)")
 
 
 @dataclass
@@ -268,8 +271,14 @@ class ResponseCache:
 
 
 def is_loopback(url: str) -> bool:
-    host = urllib.parse.urlparse(url).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    return httpd.is_loopback(urllib.parse.urlparse(url).hostname or "")
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error ('http 30x'): urllib would send the Authorization header to wherever it points."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
 
 
 @dataclass
@@ -285,7 +294,7 @@ class EndpointJudge:
 
     def __init__(self, model: str, base_url: str = OPENAI_URL, api_key_env: str = "OPENAI_API_KEY",
                  timeout: float = 60.0, retries: int = 3, concurrency: int = 4, cache: str = "",
-                 backoff: float = 1.0, max_tokens: int = 16, top_logprobs: int = 5):
+                 backoff: float = 1.0, max_tokens: int = 16, top_logprobs: int = 5, allow_http: bool = False):
         self.name = f"openai:{model}@{base_url}"
         self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
         self.timeout, self.retries, self.concurrency, self.backoff = timeout, retries, concurrency, backoff
@@ -294,9 +303,15 @@ class EndpointJudge:
         if not self.api_key and not is_loopback(base_url):
             raise ValueError(f"the judge endpoint {base_url} needs an API key in the environment variable "
                              f"'{api_key_env}' (set it, or name another with --endpoint.api_key_env)")
+        if (self.api_key and urllib.parse.urlparse(base_url).scheme != "https" and not is_loopback(base_url)
+                and not allow_http):
+            raise ValueError(f"the judge endpoint {base_url} is plain http: the API key in '{api_key_env}' would "
+                             "cross the network readable by anyone on the way. Use https://, or pass "
+                             "--endpoint.allow_http true if the network is yours")
         self.cache = None if cache == "none" else ResponseCache(cache or cache_dir() / "judge_cache.sqlite")
         # a proxy from the environment must never see requests meant for this machine
-        self.opener = urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if is_loopback(base_url) else []))
+        self.opener = urllib.request.build_opener(
+            NoRedirects, *([urllib.request.ProxyHandler({})] if is_loopback(base_url) else []))
         self.logprobs = True  # turned off for good if the server refuses the parameter
         self.stats = EndpointStats()
         self.lock = threading.Lock()
@@ -444,7 +459,8 @@ def make_judge(spec: str, device: str = "auto", bf16: Precision = "auto", seed: 
     if kind == "openai" and rest:
         model, _, base_url = rest.partition("@")
         e = endpoint or EndpointSettings()
-        return EndpointJudge(model, base_url or OPENAI_URL, e.api_key_env, e.timeout, e.retries, e.concurrency, e.cache)
+        return EndpointJudge(model, base_url or OPENAI_URL, e.api_key_env, e.timeout, e.retries, e.concurrency, e.cache,
+                             allow_http=e.allow_http)
     raise ValueError(f"unknown judge '{spec}'; use {JUDGE_SPECS}")
 
 

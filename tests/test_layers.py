@@ -15,7 +15,7 @@ LAYERS = [
     {"ops"},
     {"losses"},
     # base: settings, logging, text statistics, the machine, data files, plots
-    {"config", "tracking", "plots", "detectors"},
+    {"config", "tracking", "plots", "detectors", "httpd"},
     {"hhh", "verifiable", "hardware", "wiring", "annotate.errors"},
     {"annotators", "data"},
     {"metrics", "results", "rewards", "annotate.candidates"},

@@ -1,7 +1,7 @@
 """`rlhf annotate import | serve | add-user | export`.
 
 The main CLI calls :func:`main` with the arguments after `annotate`. Importing this module is
-cheap: Flask, SQLAlchemy and waitress load inside the command that needs them.
+cheap: Flask, SQLAlchemy and the HTTP server load inside the command that needs them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import argparse
 import re
 import sys
 from pathlib import Path
+
+from rlhf.annotate import KEY_ENV
 
 DEFAULT_DB = "sqlite:///annotations.db"  # a SQLite file in the current folder
 DEFAULT_HOST = "127.0.0.1"
@@ -49,12 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an unanswered pair goes back to the pool after this long (default: %(default)s)")
     p.add_argument("--question", default="Which response is better?",
                    help='the question shown above the pair, e.g. "Which is better for a 10-year-old?"')
+    p.add_argument("--secure-cookies", action=argparse.BooleanOptionalAction, default=None,
+                   help="browsers send the login cookie over HTTPS only (default: on unless --host is loopback; "
+                   "serve behind an HTTPS proxy then, or pass --no-secure-cookies on a network you trust)")
+    p.add_argument("--session-idle-hours", type=float, default=24.0,
+                   help="a login unused this long ends (default: %(default)s; every login ends after 14 days)")
+    p.add_argument("--key-file", metavar="PATH",
+                   help="the cookie-signing key's file, made on first start with mode 0600 (default: the SQLite "
+                   f"file's name + .key, or ./annotate.key; ${KEY_ENV} overrides it)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="Host header names answered, comma-separated (default: loopback names on a loopback "
+                   "--host, else any); the name people use to reach the server")
 
     p = sub.add_parser("add-user", parents=[common], help="create an annotator and print their login link")
     p.add_argument("name", help="letters, digits, '.', '_' or '-'; up to 64 characters")
     p.add_argument("--admin", action="store_true", help="may open the admin page")
     p.add_argument("--reset", action="store_true",
                    help="the user exists: issue a new link (the old link and sessions stop working)")
+    p.add_argument("--link-days", type=float, default=7.0,
+                   help="the link logs in once, within this many days (default: %(default)s)")
     p.add_argument("--host", default=DEFAULT_HOST, help="host to put in the link (default: %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to put in the link (default: %(default)s)")
 
@@ -96,10 +111,16 @@ def cmd_add_user(args: argparse.Namespace) -> int:
             f"user name {args.name!r} is not allowed: use letters, digits, '.', '_' or '-' "
             "(up to 64 characters, starting with a letter or digit)."
         )
+    from datetime import timedelta
+
+    if args.link_days <= 0:
+        raise AnnotateError(f"--link-days must be above 0, got {args.link_days}")
     engine = store.open_store(args.db)
-    token = store.add_user(engine, args.name, admin=args.admin, reset=args.reset)
+    token = store.add_user(engine, args.name, admin=args.admin, reset=args.reset,
+                           link_lifetime=timedelta(days=args.link_days))
     role = "admin" if args.admin else "annotator"
-    print(f"{role} {args.name}: personal login link (keep it private; it is shown only once):")
+    print(f"{role} {args.name}: personal login link (keep it private; it is shown only once; "
+          f"it logs in once, within {args.link_days:g} days):")
     print(f"http://{link_host(args.host)}:{args.port}/login/{token}")
     return 0
 
@@ -127,25 +148,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from a2wsgi import WSGIMiddleware
+
+    from rlhf import httpd
     from rlhf.annotate import store
     from rlhf.annotate.errors import AnnotateError
-    from rlhf.annotate.web import create_app
+    from rlhf.annotate.web import MAX_BODY_BYTES, create_app
 
+    if args.session_idle_hours <= 0:
+        raise AnnotateError(f"--session-idle-hours must be above 0, got {args.session_idle_hours}")
+    secure = secure_cookies(args)
+    app = create_app(args.db, k=args.k, lease_minutes=args.lease_minutes, question=args.question,
+                     secure_cookies=secure, session_idle_hours=args.session_idle_hours, key_file=args.key_file)
+    # Flask runs in a pool of worker threads; the body reaches it whole (bounded in size and time) or not at all
+    served = httpd.protect(WSGIMiddleware(app, workers=args.threads), args.host, MAX_BODY_BYTES,
+                           hosts=args.allowed_hosts)
     try:
-        import waitress
-    except ModuleNotFoundError:
-        raise AnnotateError("serve needs the waitress package: pip install 'waitress>=3.0'") from None
-    app = create_app(args.db, k=args.k, lease_minutes=args.lease_minutes, question=args.question)
+        listener = httpd.Listener(served, args.host, args.port)
+    except OSError as error:
+        raise AnnotateError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
     print(
-        f"annotate: serving http://{link_host(args.host)}:{args.port}/ "
+        f"annotate: serving http://{link_host(args.host)}:{listener.port}/ "
         f"(database {store.display_url(args.db)}, k={args.k}); admin page at /admin",
         flush=True,
     )
-    try:
-        waitress.serve(app, host=args.host, port=args.port, threads=args.threads, ident="rlhf-annotate")
-    except OSError as error:
-        raise AnnotateError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    if secure:
+        print("annotate: login cookies are Secure: browsers send them over HTTPS only. Serve behind an HTTPS "
+              "proxy, or pass --no-secure-cookies on a network you trust.", flush=True)
+    listener.run()
     return 0
+
+
+def secure_cookies(args: argparse.Namespace) -> bool:
+    """--secure-cookies, or by default: on unless the server listens on loopback only (then plain http is fine)."""
+    from rlhf.httpd import is_loopback
+
+    return not is_loopback(args.host) if args.secure_cookies is None else args.secure_cookies
 
 
 COMMANDS = {"import": cmd_import, "serve": cmd_serve, "add-user": cmd_add_user, "export": cmd_export}

@@ -8,16 +8,25 @@ teams. The schema is created on first use. Two rules keep the data right under c
 * a pair's ``n_assigned`` counter is raised with ``... WHERE n_assigned < k``, a single-row
   atomic update on both databases, so no pair is handed to more than k annotators, and the
   unique (pair, user) constraint means nobody sees the same pair twice.
+
+Credentials: the database holds no secret that lets its reader act as a user. Login links and
+session ids are 256 random bits of which only the sha256 is stored; the cookie-signing key lives
+outside the database (`signing_key`: a 0600 key file next to a SQLite file, or an environment
+variable); a SQLite database and its key file are created readable by their owner only (0600).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import secrets
+import stat
+from collections import namedtuple
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Iterable
 
 from sqlalchemy import (
@@ -41,11 +50,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
+from rlhf.annotate import KEY_ENV
 from rlhf.annotate.candidates import PairSpec, Prompt
 from rlhf.annotate.errors import AnnotateError
 
 CHOICES = ("a", "b", "tie", "both_bad")
 POSITIONS = ("left", "right", "tie", "both_bad")
+LINK_LIFETIME = timedelta(days=7)  # a login link not used within this stops working
+SESSION_LIFETIME = timedelta(days=14)  # a session ends this long after its login, however active
+SEEN_EVERY = timedelta(minutes=1)  # a session's last-seen time is written at most this often (a write per page is slow)
 
 metadata = MetaData()
 
@@ -54,7 +67,8 @@ users = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("name", String(64), nullable=False, unique=True),
-    Column("token_hash", String(64), nullable=False, unique=True),  # sha256 hex; never the token
+    # sha256 hex of the latest login link's token; never the token. Logins go through `links` below.
+    Column("token_hash", String(64), nullable=False, unique=True),
     Column("is_admin", Boolean, nullable=False, default=False),
     Column("created_at", DateTime, nullable=False),
 )
@@ -91,7 +105,26 @@ assignments = Table(
     sqlite_autoincrement=True,
 )
 
-settings = Table(
+links = Table(  # live login links: single use, until expires_at
+    "annotate_links",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),  # sha256 hex; never the token
+    Column("user_id", Integer, ForeignKey("annotate_users.id"), nullable=False),
+    Column("expires_at", DateTime, nullable=False),
+)
+
+sessions = Table(  # logged-in browsers: logout deletes the row, and so ends the session for every copy of its cookie
+    "annotate_sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),  # sha256 hex of the id the cookie holds; never the id
+    Column("user_id", Integer, ForeignKey("annotate_users.id"), nullable=False),
+    Column("csrf", String(64), nullable=False),  # the forms' token: useless without the session's cookie
+    Column("created_at", DateTime, nullable=False),
+    Column("seen_at", DateTime, nullable=False),
+    Index("ix_annotate_sessions_user", "user_id"),
+)
+
+settings = Table(  # holds no secret any more: the cookie-signing key lives outside the database
     "annotate_settings",
     metadata,
     Column("key", String(64), primary_key=True),
@@ -154,12 +187,33 @@ def reading(engine: Engine):
     return engine.connect().execution_options(annotate_read_only=True)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and for an in-memory one."""
+    parsed = make_url(normalise_url(url))
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def create_private(path: Path) -> bool:
+    """Create an empty file readable and writable by its owner only (0600), whatever the umask; False if it exists.
+    SQLite gives a database's -wal and -shm files the permissions of the database file."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
 def open_store(url: str) -> Engine:
-    """Connect, create the schema if it is missing, and return the engine."""
+    """Connect, create the schema if it is missing, and return the engine. A new SQLite file is created 0600."""
     url = normalise_url(url)
     try:
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
+            path = sqlite_path(url)
+            if path is not None and path.parent.is_dir():
+                create_private(path)
             engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
             _configure_sqlite(engine)
         else:
@@ -177,15 +231,44 @@ def open_store(url: str) -> Engine:
     return engine
 
 
-def secret_key(engine: Engine) -> str:
-    """The cookie-signing key, made once and kept in the database so sessions survive restarts
-    and every server process on the same database agrees on it."""
+def default_key_file(url: str) -> Path:
+    """Where the cookie-signing key lives by default: next to a SQLite file (`annotations.db.key`), else
+    `annotate.key` in the current folder."""
+    path = sqlite_path(url)
+    return path.with_name(path.name + ".key") if path is not None else Path("annotate.key")
+
+
+def signing_key(url: str, key_file: str | Path | None = None) -> str:
+    """The cookie-signing key: $RLHF_ANNOTATE_SECRET_KEY if set, else the key file (made on first use, 0600).
+
+    Outside the database, so a copy of the database (a backup, a file readable by others) cannot sign a cookie;
+    in a file, so that sessions survive a restart and every server process on the same database agrees."""
+    from_env = os.environ.get(KEY_ENV, "")
+    if from_env:
+        if len(from_env) < 32:
+            raise AnnotateError(f"${KEY_ENV} is too short: use at least 32 random characters "
+                                "(python -c 'import secrets; print(secrets.token_hex(32))').")
+        return from_env
+    path = Path(key_file) if key_file else default_key_file(url)
+    try:
+        if create_private(path):
+            path.write_text(secrets.token_hex(32) + "\n", encoding="utf-8")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise AnnotateError(f"the key file {path} can be read by others (mode {mode:04o}); "
+                                f"run: chmod 600 {path}")
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise AnnotateError(f"cannot use the key file {path}: {error.strerror}") from None
+    if len(key) < 32:
+        raise AnnotateError(f"the key file {path} holds no key (at least 32 characters); delete it to make a new one")
+    return key
+
+
+def forget_stored_key(engine: Engine) -> None:
+    """Delete the signing key that older versions kept in the database (a copy of the database gave it away)."""
     with engine.begin() as conn:
-        value = conn.scalar(select(settings.c.value).where(settings.c.key == "secret_key"))
-        if value is None:
-            value = secrets.token_hex(32)
-            conn.execute(settings.insert().values(key="secret_key", value=value))
-    return value
+        conn.execute(settings.delete().where(settings.c.key == "secret_key"))
 
 
 # ---------------------------------------------------------------- pairs
@@ -231,9 +314,11 @@ def _pair_row(spec: PairSpec, source: str) -> dict:
 # ---------------------------------------------------------------- users
 
 
-def add_user(engine: Engine, name: str, admin: bool = False, reset: bool = False) -> str:
-    """Create a user (or give an existing one a new link with reset=True) and return the token.
-    Only its hash is stored, so the printed link is the only copy."""
+def add_user(engine: Engine, name: str, admin: bool = False, reset: bool = False,
+             link_lifetime: timedelta = LINK_LIFETIME) -> str:
+    """Create a user (or give an existing one a new link with reset=True, which also ends the user's sessions and
+    voids their older links) and return the login link's token. Only its hash is stored, so the printed link is
+    the only copy; it logs in once, within `link_lifetime`."""
     token = secrets.token_urlsafe(32)
     with engine.begin() as conn:
         existing = conn.execute(select(users.c.id).where(users.c.name == name)).first()
@@ -247,18 +332,95 @@ def add_user(engine: Engine, name: str, admin: bool = False, reset: bool = False
             if admin:
                 values["is_admin"] = True
             conn.execute(users.update().where(users.c.id == existing.id).values(**values))
+            conn.execute(links.delete().where(links.c.user_id == existing.id))
+            conn.execute(sessions.delete().where(sessions.c.user_id == existing.id))
+            user_id = existing.id
         else:
-            conn.execute(
+            user_id = conn.execute(
                 users.insert().values(
                     name=name, token_hash=hash_token(token), is_admin=admin, created_at=now()
                 )
-            )
+            ).inserted_primary_key[0]
+        conn.execute(links.insert().values(token_hash=hash_token(token), user_id=user_id,
+                                           expires_at=now() + link_lifetime))
     return token
 
 
 def user_by_token(engine: Engine, token: str):
+    """The user whose live (unused, unexpired) login link this is, or None. Does not use the link."""
+    query = (select(users).join(links, links.c.user_id == users.c.id)
+             .where(links.c.token_hash == hash_token(token), links.c.expires_at > now()))
     with reading(engine) as conn:
-        return conn.execute(select(users).where(users.c.token_hash == hash_token(token))).first()
+        return conn.execute(query).first()
+
+
+def use_link(engine: Engine, token: str):
+    """Log in with a link: it is deleted (single use) and its user returned; None if it is unknown, used or
+    expired. Two requests with the same link: the delete lets exactly one of them through."""
+    with engine.begin() as conn:
+        row = conn.execute(select(links.c.user_id, links.c.expires_at)
+                           .where(links.c.token_hash == hash_token(token))).first()
+        if row is None:
+            return None
+        gone = conn.execute(links.delete().where(links.c.token_hash == hash_token(token))).rowcount
+        if not gone or row.expires_at <= now():
+            return None
+        return conn.execute(select(users).where(users.c.id == row.user_id)).first()
+
+
+# ---------------------------------------------------------------- sessions
+
+
+User = namedtuple("User", [column.name for column in users.columns])
+
+
+@dataclass(frozen=True)
+class Session:
+    user: User
+    csrf: str  # the forms' CSRF token
+
+
+def start_session(engine: Engine, user_id: int) -> str:
+    """A new session for the user → its id, for the cookie (only its hash is stored)."""
+    session_id = secrets.token_urlsafe(32)
+    moment = now()
+    with engine.begin() as conn:
+        conn.execute(sessions.insert().values(id_hash=hash_token(session_id), user_id=user_id,
+                                              csrf=secrets.token_urlsafe(32), created_at=moment, seen_at=moment))
+    return session_id
+
+
+def find_session(engine: Engine, session_id: str, idle: timedelta) -> Session | None:
+    """The live session with this id, or None: none such, idle longer than `idle`, or older than SESSION_LIFETIME.
+    Its last-seen time moves on, written at most once a minute."""
+    with reading(engine) as conn:
+        row = conn.execute(
+            select(sessions.c.seen_at, sessions.c.created_at.label("started_at"), sessions.c.csrf, *users.columns)
+            .join(users, users.c.id == sessions.c.user_id)
+            .where(sessions.c.id_hash == hash_token(session_id))
+        ).first()
+    moment = now()
+    if row is None or moment - row.seen_at > idle or moment - row.started_at > SESSION_LIFETIME:
+        return None
+    if moment - row.seen_at > SEEN_EVERY:
+        with engine.begin() as conn:
+            conn.execute(sessions.update().where(sessions.c.id_hash == hash_token(session_id))
+                         .values(seen_at=moment))
+    return Session(User(*(row._mapping[column] for column in users.columns)), row.csrf)
+
+
+def end_session(engine: Engine, session_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(sessions.delete().where(sessions.c.id_hash == hash_token(session_id)))
+
+
+def purge_expired(engine: Engine, idle: timedelta) -> None:
+    """Delete sessions past their idle time or lifetime, and login links past their expiry."""
+    moment = now()
+    with engine.begin() as conn:
+        conn.execute(sessions.delete().where((sessions.c.seen_at < moment - idle)
+                                             | (sessions.c.created_at < moment - SESSION_LIFETIME)))
+        conn.execute(links.delete().where(links.c.expires_at <= moment))
 
 
 def user_by_id(engine: Engine, user_id: int):

@@ -1,8 +1,15 @@
 """The annotation web app (Flask, server-rendered pages).
 
 Security model, in short:
-* a personal login link carries a random token; only its sha256 is stored; visiting the link
-  sets a signed session cookie (HttpOnly, SameSite=Lax) and redirects away from the token URL;
+* a personal login link carries a random token; only its sha256 is stored. Opening the link
+  changes nothing: it shows a "Continue" page whose POST (with a token that only this browser's
+  cookie matches, against login CSRF) uses the link up (single use; links expire after 7 days)
+  and starts a session;
+* a session is a row on the server: the cookie (signed, HttpOnly, SameSite=Lax, Secure when
+  served beyond loopback) holds a random id whose sha256 the row stores. Logout deletes the row,
+  so a copied cookie stops working too; a session ends after its idle time or 14 days;
+* the cookie-signing key is not in the database (store.signing_key), so a copy of the database
+  can neither sign a cookie nor name a live session;
 * every POST needs a logged-in user and the session's CSRF token (compared in constant time);
 * annotators see only their own queue and labels; /admin and other people's pages are 403;
 * response text is only ever inserted through Jinja's autoescaping, and the Content Security
@@ -11,7 +18,6 @@ Security model, in short:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
@@ -41,6 +47,8 @@ from rlhf.annotate.store import CHOICES, POSITIONS
 
 DEFAULT_QUESTION = "Which response is better?"
 MAX_COMMENT_CHARS = 5000
+MAX_BODY_BYTES = 64 * 1024  # a label form is tiny; the HTTP layer refuses bigger bodies before Flask sees them
+MAX_ID = (1 << 63) - 1  # ids are 64-bit signed integers in both databases
 RECLAIM_EVERY_S = 60.0
 
 CONTENT_SECURITY_POLICY = (
@@ -57,6 +65,7 @@ class AppState:
     k: int
     lease: timedelta
     question: str
+    idle: timedelta  # a session unused this long ends
     last_reclaim: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -66,19 +75,29 @@ def create_app(
     k: int = 3,
     lease_minutes: float = 60.0,
     question: str = DEFAULT_QUESTION,
+    secure_cookies: bool = False,
+    session_idle_hours: float = 24.0,
+    key_file: str | None = None,
 ) -> Flask:
-    """Build the app; opening the store creates the schema on first start."""
+    """Build the app; opening the store creates the schema on first start. `secure_cookies`: the browser sends
+    the cookie over HTTPS only (serve behind an HTTPS proxy); `key_file`: the cookie-signing key's file (default:
+    next to a SQLite database; store.signing_key)."""
     engine = store.open_store(db_url)
+    secret = store.signing_key(db_url, key_file)
+    store.forget_stored_key(engine)
     app = Flask(__name__)
     app.config.update(
-        SECRET_KEY=store.secret_key(engine),
+        SECRET_KEY=secret,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_NAME="rlhf_annotate",
-        PERMANENT_SESSION_LIFETIME=timedelta(days=30),
-        MAX_CONTENT_LENGTH=64 * 1024,  # a label form is tiny; refuse anything big
+        SESSION_COOKIE_SECURE=secure_cookies,
+        # __Host-: browsers keep such a cookie only if Secure, for this host and path "/" (no subdomain can set it)
+        SESSION_COOKIE_NAME="__Host-rlhf_annotate" if secure_cookies else "rlhf_annotate",
+        PERMANENT_SESSION_LIFETIME=store.SESSION_LIFETIME,
+        MAX_CONTENT_LENGTH=MAX_BODY_BYTES,  # a label form is tiny; refuse anything big
     )
-    app.extensions["annotate"] = AppState(engine, k, timedelta(minutes=lease_minutes), question)
+    app.extensions["annotate"] = AppState(engine, k, timedelta(minutes=lease_minutes), question,
+                                          timedelta(hours=session_idle_hours))
     app.register_blueprint(bp)
     app.jinja_env.filters.update(pct=percent, prompt_text=prompt_text, shown_answer=shown_answer)
     for code in (400, 401, 403, 404, 405, 413):
@@ -116,37 +135,31 @@ def prompt_turns(prompt: store.Prompt) -> list[tuple[str | None, list]]:
     return [(turn["role"], segments(turn["content"])) for turn in prompt]
 
 
-def login_check(token_hash: str) -> str:
-    """Ties a session to the user's current token: `add-user --reset` changes the hash and so
-    logs out every session made from the old link. Derived, so the cookie never holds the hash."""
-    return hashlib.sha256(f"session:{token_hash}".encode()).hexdigest()[:32]
-
-
 # ---------------------------------------------------------------- request hooks
 
 
 @bp.before_app_request
 def load_user() -> None:
-    g.user = None
-    user_id = session.get("uid")
-    if user_id is None or request.endpoint == "static":  # CSS and JS need no database lookup
+    g.user, g.csrf = None, ""
+    session_id = session.get("sid")
+    if not isinstance(session_id, str) or request.endpoint == "static":  # CSS and JS need no database lookup
         return
-    user = store.user_by_id(state().engine, user_id)
-    if user is None or not hmac.compare_digest(session.get("login", ""), login_check(user.token_hash)):
+    found = store.find_session(state().engine, session_id, state().idle)
+    if found is None:  # logged out, idle too long, or ended by `add-user --reset`
         session.clear()
         return
-    g.user = user
+    g.user, g.csrf = found.user, found.csrf
 
 
 @bp.before_app_request
 def protect_writes() -> None:
-    """Every state-changing request needs a login and the session's CSRF token."""
-    if request.method not in ("POST", "PUT", "PATCH", "DELETE"):
+    """Every state-changing request needs a login and the session's CSRF token (logging in has its own check)."""
+    if request.method not in ("POST", "PUT", "PATCH", "DELETE") or request.endpoint == "annotate.log_in":
         return
     if g.user is None:
         abort(401, "Log in with your personal link first.")
     sent = request.form.get("csrf_token", "")
-    expected = session.get("csrf", "")
+    expected = g.csrf
     if not sent or not expected or not hmac.compare_digest(sent, expected):
         abort(403, "The form's security token is missing or wrong. Reload the page and try again.")
 
@@ -182,21 +195,43 @@ def require_admin():
 # ---------------------------------------------------------------- pages
 
 
+LINK_INVALID = ("This login link is not valid: it was used already, it expired, or a newer one replaced it. "
+                "Ask your admin for a new one.")
+
+
 @bp.get("/login/<token>")
 def login(token: str):
+    """Opening a link logs nobody in (a link preview, a prefetch, or a page of someone else's that loads it
+    changes nothing): it shows a Continue button, whose POST carries a token tied to this browser's cookie."""
     user = store.user_by_token(state().engine, token)
     if user is None:
-        abort(403, "This login link is not valid (it may have been replaced by a newer one).")
+        abort(403, LINK_INVALID)
+    session["login_csrf"] = secrets.token_urlsafe(32)
+    return render_template("login.html", name=user.name, token=token, login_csrf=session["login_csrf"])
+
+
+@bp.post("/login")
+def log_in():
+    expected = session.pop("login_csrf", "")
+    sent = request.form.get("login_csrf", "")
+    if not sent or not expected or not hmac.compare_digest(sent, expected):
+        abort(403, "This login form did not come from this browser's login page. Open your login link again.")
+    user = store.use_link(state().engine, request.form.get("token", ""))
+    if user is None:
+        abort(403, LINK_INVALID)
+    if isinstance(session.get("sid"), str):  # a session this browser had (maybe another person's) ends here
+        store.end_session(state().engine, session["sid"])
     session.clear()
     session.permanent = True
-    session.update(uid=user.id, login=login_check(user.token_hash), csrf=secrets.token_urlsafe(32))
-    # Redirect so the token leaves the address bar and the browser history.
-    return redirect(url_for("annotate.queue"), code=303)
+    session["sid"] = store.start_session(state().engine, user.id)
+    return redirect(url_for("annotate.queue"), code=303)  # 303: a reload does not post the form again
 
 
 @bp.post("/logout")
 def logout():
+    store.end_session(state().engine, session["sid"])  # protect_writes made sure there is one
     session.clear()
+    g.user = None
     return render_template("error.html", error=None, message="You are logged out.")
 
 
@@ -236,6 +271,7 @@ def maybe_reclaim(app_state: AppState) -> None:
             return
         app_state.last_reclaim = time.monotonic()
     store.reclaim_stale(app_state.engine, app_state.lease)
+    store.purge_expired(app_state.engine, app_state.idle)
 
 
 @bp.post("/label")
@@ -247,6 +283,8 @@ def label():
     try:
         assignment_id = int(request.form.get("assignment_id", ""))
     except ValueError:
+        assignment_id = 0
+    if not 0 < assignment_id <= MAX_ID:
         abort(400, "The form has no valid assignment id.")
     comment = request.form.get("comment", "").strip()[:MAX_COMMENT_CHARS]
     outcome = store.record_label(state().engine, user.id, assignment_id, position, comment)

@@ -10,6 +10,7 @@ import glob
 import itertools
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from rlhf.annotate import KEY_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL_HINT = "run scripts/install_test_deps.sh (it installs Debian's chromium and postgresql)"
@@ -93,10 +96,13 @@ def postgres_server():
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path) -> str:
-    """The same test runs against a SQLite file and against a real PostgreSQL server."""
+def db_url(request, tmp_path, monkeypatch) -> str:
+    """The same test runs against a SQLite file and against a real PostgreSQL server. The cookie-signing key:
+    a file next to the SQLite file; for PostgreSQL the environment variable (the default file would be
+    ./annotate.key, in the repository)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'annotations.db'}"
+    monkeypatch.setenv(KEY_ENV, secrets.token_hex(32))
     return request.getfixturevalue("postgres_server").create_database()
 
 

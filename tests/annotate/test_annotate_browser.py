@@ -20,6 +20,13 @@ def login_link(server, name: str, capsys, admin: bool = False) -> str:
     return re.search(r"http://\S+/login/\S+", capsys.readouterr().out).group(0)
 
 
+def log_in(page, link: str) -> None:
+    """Open the personal link and press Continue."""
+    page.goto(link)
+    page.locator("#continue").click()
+    expect(page).not_to_have_url(re.compile("/login"))  # the token left the address bar
+
+
 def import_records(server, write_candidates, records, capsys) -> None:
     assert main(["import", str(write_candidates(records)), "--db", server.db_url]) == 0
     capsys.readouterr()
@@ -30,8 +37,7 @@ def test_label_three_pairs_by_keyboard_then_export(live_server, page, write_cand
         {"prompt": f"Question {i}?", "responses": [f"First answer {i}", f"Second answer {i}"]}
         for i in range(3)
     ], capsys)
-    page.goto(login_link(live_server, "ann", capsys))
-    assert "/login/" not in page.url  # the token left the address bar
+    log_in(page, login_link(live_server, "ann", capsys))
     expect(page.locator("#progress-text")).to_have_text("0 of 3 labelled")
     expect(page.locator("#key-hint")).to_be_visible()
     expect(page.locator("#key-hint")).to_contain_text("1")
@@ -59,7 +65,7 @@ def test_comment_keys_and_mouse(live_server, page, write_candidates, capsys):
         {"prompt": [{"role": "user", "content": f"Turn {i}"}], "responses": [f"x{i}", f"y{i}"]}
         for i in range(2)
     ], capsys)
-    page.goto(login_link(live_server, "ann", capsys))
+    log_in(page, login_link(live_server, "ann", capsys))
     expect(page.locator(".role")).to_have_text("user")  # a message prompt shows its turns
     page.locator("#comment").click()
     page.keyboard.type("3 and 4 are digits here")
@@ -93,7 +99,7 @@ def test_markup_in_responses_is_shown_as_text_and_never_runs(live_server, page, 
     assert dialogs == ["probe"]
     dialogs.clear()
 
-    page.goto(login_link(live_server, "ann", capsys))
+    log_in(page, login_link(live_server, "ann", capsys))
     page.wait_for_load_state("load")
     both = page.locator("#response-a").inner_text() + page.locator("#response-b").inner_text()
     assert EVIL_SCRIPT in both and EVIL_IMG in both and "javascript:alert" in both
@@ -109,7 +115,7 @@ def test_markup_in_responses_is_shown_as_text_and_never_runs(live_server, page, 
     page.locator("#comment").fill(f"see {EVIL_IMG}")
     page.get_by_role("button", name="Both bad").click()
     expect(page.locator("#done")).to_be_visible()
-    page.goto(login_link(live_server, "boss", capsys, admin=True))
+    log_in(page, login_link(live_server, "boss", capsys, admin=True))
     page.goto(live_server.url("/users/ann"))
     expect(page.locator("#labels")).to_contain_text(f"see {EVIL_IMG}")
     page.goto(live_server.url("/admin"))

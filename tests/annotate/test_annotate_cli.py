@@ -129,7 +129,7 @@ def test_bad_database_url_gives_a_message_not_a_traceback(tmp_path, capsys):
 
 def test_module_entry_point_is_cheap_to_import():
     probe = ("import sys, rlhf.annotate.cli; "
-             "print(sorted(m for m in ('flask', 'sqlalchemy', 'waitress') if m in sys.modules))")
+             "print(sorted(m for m in ('flask', 'sqlalchemy', 'uvicorn', 'starlette') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"
     helped = subprocess.run([sys.executable, "-m", "rlhf.annotate", "--help"], capture_output=True, text=True)

@@ -1,10 +1,13 @@
 """Logins, CSRF and who may see what, through the real Flask app (in-process client)."""
 
+import os
 import re
+import stat
+from datetime import timedelta
 
 import pytest
 
-from rlhf.annotate import store
+from rlhf.annotate import KEY_ENV, store
 from rlhf.annotate.candidates import PairSpec, pair_key
 from rlhf.annotate.stats import left_won
 from rlhf.annotate.web import create_app
@@ -24,13 +27,25 @@ def engine_of(app):
     return app.extensions["annotate"].engine
 
 
+def log_in(client, token: str):
+    """Open the login link, then press Continue (the form's POST) → the POST's response."""
+    page = client.get(f"/login/{token}")
+    assert page.status_code == 200, page.status_code
+    login_csrf = re.search(r'name="login_csrf" value="([^"]+)"', page.get_data(as_text=True)).group(1)
+    return client.post("/login", data={"token": token, "login_csrf": login_csrf})
+
+
 def logged_in(app, name: str, admin: bool = False):
-    """A browser-like client that has opened the user's login link."""
+    """A browser-like client that has logged in with the user's login link."""
     token = store.add_user(engine_of(app), name, admin=admin)
     client = app.test_client()
-    response = client.get(f"/login/{token}")
+    response = log_in(client, token)
     assert response.status_code == 303 and response.headers["Location"].endswith("/queue")
     return client
+
+
+def cookie_name(app) -> str:
+    return app.config["SESSION_COOKIE_NAME"]
 
 
 def form_fields(client) -> dict:
@@ -160,3 +175,160 @@ def test_admin_page_shows_agreement_and_position_bias(app):
     assert "left response won 100% of 1 decisive labels" in text
     assert "ann 3 1 1 1 67% of 3 100% of 1" in text
     assert "bob 3 0 2 1 67% of 3 – of 0" in text
+
+
+# ---------------------------------------------------------------- credentials
+
+
+def database_strings(engine) -> list[str]:
+    """Every value in every table, as text: what a read-only copy of the database gives its reader."""
+    from sqlalchemy import MetaData, select
+
+    tables = MetaData()
+    tables.reflect(engine)
+    with engine.connect() as conn:
+        return [str(v) for table in tables.sorted_tables for row in conn.execute(select(table)) for v in row
+                if v is not None]
+
+
+def signed_cookie(key: str, payload: dict) -> str:
+    """A session cookie as Flask signs it, with `key` as the signing key."""
+    from flask import Flask
+    from flask.sessions import SecureCookieSessionInterface
+
+    forger = Flask("forger")
+    forger.secret_key = key
+    return SecureCookieSessionInterface().get_signing_serializer(forger).dumps(payload)
+
+
+def test_a_copy_of_the_database_cannot_forge_a_session(app):
+    import hashlib
+
+    boss = logged_in(app, "boss", admin=True)
+    assert boss.get("/admin").status_code == 200
+    found = [v for v in database_strings(engine_of(app)) if len(v) >= 32]  # keys, hashes and tokens are long
+    admin = store.user_by_name(engine_of(app), "boss")
+    payloads = [{"sid": value} for value in found]
+    # what a cookie held before: the user id and a check derived from the stored token hash
+    payloads.append({"uid": admin.id, "csrf": "x",
+                     "login": hashlib.sha256(f"session:{admin.token_hash}".encode()).hexdigest()[:32]})
+    for key in found:
+        for payload in payloads:
+            forger = app.test_client()
+            forger.set_cookie(cookie_name(app), signed_cookie(key, payload))
+            assert forger.get("/admin").status_code == 401, (key, payload)
+
+
+def test_logout_ends_the_session_for_every_copy_of_its_cookie(app):
+    client = logged_in(app, "ann")
+    copied = client.get_cookie(cookie_name(app)).value
+    assert client.post("/logout", data={"csrf_token": form_fields(client)["csrf_token"]}).status_code == 200
+    thief = app.test_client()
+    thief.set_cookie(cookie_name(app), copied)
+    assert thief.get("/queue").status_code == 401
+
+
+def test_an_idle_session_ends(app):
+    client = logged_in(app, "ann")
+    assert client.get("/queue").status_code == 200
+    with engine_of(app).begin() as conn:  # 25 hours without a request; the idle time is 24 hours
+        conn.execute(store.sessions.update().values(seen_at=store.now() - timedelta(hours=25)))
+    assert client.get("/queue").status_code == 401
+
+
+def test_login_links_need_the_continue_page_work_once_and_expire(app):
+    engine = engine_of(app)
+    token = store.add_user(engine, "ann")
+    browser = app.test_client()
+    assert browser.get(f"/login/{token}").status_code == 200
+    assert browser.get("/queue").status_code == 401  # opening the link (a preview, a prefetch) logs nobody in
+    # login CSRF: another site's page posts the link to /login; no cookie of that browser carries the form's token
+    assert app.test_client().post("/login", data={"token": token, "login_csrf": "guess"}).status_code == 403
+    assert browser.post("/login", data={"token": token}).status_code == 403
+    assert log_in(browser, token).status_code == 303 and browser.get("/queue").status_code == 200
+    assert app.test_client().get(f"/login/{token}").status_code == 403  # used up
+    assert store.use_link(engine, token) is None
+    late = store.add_user(engine, "bob")
+    with engine.begin() as conn:
+        conn.execute(store.links.update().values(expires_at=store.now() - timedelta(seconds=1)))
+    assert app.test_client().get(f"/login/{late}").status_code == 403
+    assert store.use_link(engine, late) is None
+
+
+def test_cookies_are_secure_when_asked(db_url):
+    from rlhf.annotate.cli import build_parser, secure_cookies
+
+    app = create_app(db_url, secure_cookies=True)
+    client = app.test_client()
+    page = client.get(f"/login/{store.add_user(engine_of(app), 'ann')}", base_url="https://localhost")
+    cookie = page.headers["Set-Cookie"]
+    assert cookie.startswith("__Host-rlhf_annotate=") and "Secure" in cookie and "HttpOnly" in cookie
+    engine_of(app).dispose()
+    parse = build_parser().parse_args
+    assert secure_cookies(parse(["serve", "--host", "0.0.0.0"]))  # on by default beyond loopback
+    assert not secure_cookies(parse(["serve"]))  # 127.0.0.1
+    assert not secure_cookies(parse(["serve", "--host", "0.0.0.0", "--no-secure-cookies"]))
+    assert secure_cookies(parse(["serve", "--secure-cookies"]))
+
+
+def test_an_assignment_id_beyond_64_bits_is_a_400(app):
+    client = logged_in(app, "ann")
+    fields = form_fields(client)
+    for bad in (str(2**64), str(2**63), "-1", "0"):
+        assert client.post("/label", data={**fields, "assignment_id": bad, "choice": "left"}).status_code == 400
+    assert stored_labels(app) == []
+
+
+def test_database_and_key_files_are_private(tmp_path, monkeypatch):
+    from rlhf.annotate.errors import AnnotateError
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    database = tmp_path / "annotations.db"
+    old_umask = os.umask(0o022)  # the usual umask: files are created 0644 unless the code asks otherwise
+    try:
+        app = create_app(f"sqlite:///{database}")
+        store.add_user(engine_of(app), "ann")  # a write: the -wal file exists now
+        for path in (database, tmp_path / "annotations.db-wal", tmp_path / "annotations.db.key"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert "secret_key" not in database_strings(engine_of(app))
+        engine_of(app).dispose()
+        os.chmod(tmp_path / "annotations.db.key", 0o644)
+        with pytest.raises(AnnotateError, match="chmod 600"):
+            create_app(f"sqlite:///{database}")
+    finally:
+        os.umask(old_umask)
+
+
+def test_a_key_left_in_the_database_by_an_older_version_is_deleted(db_url):
+    engine = store.open_store(db_url)
+    with engine.begin() as conn:
+        conn.execute(store.settings.insert().values(key="secret_key", value="k" * 64))
+    app = create_app(db_url)
+    assert app.config["SECRET_KEY"] != "k" * 64 and "k" * 64 not in database_strings(engine)
+    engine.dispose()
+    engine_of(app).dispose()
+
+
+def test_the_served_app_refuses_big_bodies_and_foreign_host_names(tmp_path):
+    import http.client
+
+    from a2wsgi import WSGIMiddleware
+
+    from rlhf import httpd
+    from rlhf.annotate.web import MAX_BODY_BYTES
+
+    app = create_app(f"sqlite:///{tmp_path / 'annotations.db'}")
+    with httpd.serving(httpd.protect(WSGIMiddleware(app), "127.0.0.1", MAX_BODY_BYTES)) as listener:
+        def ask(method: str, body: bytes | None = None, host: str = "127.0.0.1") -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", listener.port, timeout=30)
+            conn.request(method, "/static/annotate.css" if method == "GET" else "/label", body=body,
+                         headers={"Host": host})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert ask("GET") == 200
+        assert ask("GET", host="evil.example") == 400  # DNS rebinding: a page of evil.example pointed at us
+        assert ask("POST", b"x" * (MAX_BODY_BYTES + 1)) == 413
+        assert ask("POST", b"x" * 10) == 401  # a small body reaches the app, which wants a login
+    engine_of(app).dispose()
