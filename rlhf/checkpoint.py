@@ -186,21 +186,31 @@ class TrainingState:
 
     # --- SIGTERM / SIGINT -------------------------------------------------------------------------------
     def watch_signals(self) -> None:
-        """From here on SIGTERM and SIGINT only set a flag, which the loop reads after each step."""
+        """From here on SIGTERM and SIGINT only set a flag, which the loop reads after each step. The handlers are
+        released by `release_signals`, or when this object is dropped (a stage that ended in an exception)."""
         import threading
+        import weakref
 
         if threading.current_thread() is not threading.main_thread():
             return
+        me = weakref.ref(self)  # the handler must not keep a finished stage's state alive
 
         def handler(number, frame):
-            self.signal_number = number
+            state = me()
+            if state is not None:
+                state.signal_number = number
+            else:  # the stage is gone: behave as if it had never been installed
+                signal.default_int_handler(number, frame) if number == signal.SIGINT else os._exit(128 + number)
 
         for number in (signal.SIGTERM, signal.SIGINT):
             self._old_handlers[number] = signal.signal(number, handler)
+        self._handler = handler
+        self._finalizer = weakref.finalize(self, _restore_handlers, dict(self._old_handlers), handler)
 
     def release_signals(self) -> None:
-        for number, old in self._old_handlers.items():
-            signal.signal(number, old)
+        if self._old_handlers:
+            self._finalizer.detach()
+            _restore_handlers(self._old_handlers, self._handler)
         self._old_handlers = {}
 
     def stop_if_asked(self, steps_done: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
@@ -213,6 +223,16 @@ class TrainingState:
             folder = self.save(steps_done, modules, optimizer, scheduler, extra)
         self.release_signals()
         raise StageInterrupted(self.stage, self.signal_number, steps_done, folder)
+
+
+def _restore_handlers(handlers: dict[int, Any], ours: Any) -> None:
+    """Put back the handlers that were there before, where ours is still the one installed."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for number, old in handlers.items():
+            if signal.getsignal(number) is ours:
+                signal.signal(number, old)
 
 
 def trim_metrics(log_dir: Path, steps_done: int) -> None:

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_stage_args(command, config_cls, rest)
         run(config)
     except (cfg.ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"rlhf {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"rlhf {command}: error: {' '.join(str(e).split()).removeprefix(f'rlhf {command}: ')}", file=sys.stderr)
         return 2
     except StageInterrupted as e:
         print(f"\nrlhf {command}: {e}", file=sys.stderr)

@@ -2,7 +2,9 @@
 state kept, a NaN model is never saved, sampling from a broken distribution raises; bad settings and files are
 one-line errors naming the key or the file."""
 
+import gc
 import json
+import signal
 import subprocess
 import sys
 
@@ -99,9 +101,12 @@ def test_ppo_stops_on_nan_losses(tiny_model, write_jsonl, tmp_path, monkeypatch)
     config = ppo.Config(policy=str(tiny_model), reward_model=str(rm), output_dir=str(tmp_path / "ppo"),
                         data=str(write_jsonl("p.jsonl", [{"prompt": d["prompt"]} for d in DEMOS])), steps=2,
                         batch_size=4, mini_batch_size=2, max_new_tokens=4, gold=False, monitor_every=0, bf16=False)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(BadStepError, match="3 updates in a row up to step 0 had a non-finite policy_loss"):
         ppo.main(config)
     assert not (tmp_path / "ppo").exists()
+    gc.collect()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # the stage let go of them
 
 
 def test_save_refuses_a_model_with_a_nan_weight(tmp_path):
