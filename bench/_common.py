@@ -77,10 +77,11 @@ def speed_model(tmp: Path, tiny: bool) -> Path:
 
 def ours_settings(bf16: bool | None = None) -> dict:
     """Our stage's precision and compile settings: the speed part's (--precision, --compile / --eager, else our
-    defaults), or with `bf16` given (the parity part) that precision, eager."""
+    defaults), or with `bf16` given (the parity part) that precision, eager. No periodic training-state saves: the
+    peers save nothing while they are timed."""
     if bf16 is not None:
-        return {"bf16": bf16, "compile": False}
-    return {"bf16": OURS_BF16, **({} if COMPILE is None else {"compile": COMPILE})}
+        return {"bf16": bf16, "compile": False, "save_every": 0}
+    return {"bf16": OURS_BF16, "save_every": 0, **({} if COMPILE is None else {"compile": COMPILE})}
 
 
 def trl_bf16(bf16: bool | None = None) -> bool:

@@ -207,7 +207,7 @@ def our_config(policy_dir: Path, reward_dir: Path, prompts_file: Path, out: Path
     return ppo.Config(policy=str(policy_dir), reward_model=str(reward_dir), data=str(prompts_file), output_dir=str(out),
                       steps=steps, batch_size=BATCH, mini_batch_size=BATCH, ppo_epochs=1,
                       max_new_tokens=RESPONSE_TOKENS, temperature=TEMPERATURE, lr=LR,
-                      value_lr=LR if critic == "model" else 1e-3, critic=critic,
+                      value_lr=1e-3, critic_lr=LR, critic=critic, save_every=0,
                       beta=BETA, kl_estimator="k1", normalize_reward=False, missing_eos_penalty=EOS_PENALTY, gold=False,
                       monitor_every=0, sample_every=10_000, generation_batch_size=BATCH, bf16=bf16,
                       **({} if COMPILE is None else {"compile": COMPILE}),

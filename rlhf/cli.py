@@ -5,7 +5,9 @@ Imports stay inside the commands, so `rlhf --help` starts without loading torch 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import sys
 
 COMMANDS = {
@@ -48,23 +50,62 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(f"  {name:<10} {text}" for name, (_, text) in COMMANDS.items()))
 
 
+PIPELINE_STAGES = ("sft", "pairs", "reward", "ppo", "dpo", "eval")
+
+
+def file_values(command: str, cls: type, path: str) -> dict:
+    """The keys a stage takes from a --config file: a flat file's keys, or from a sectioned file (a pipeline's) the
+    stage's own section on top of the top-level keys that the stage has. A pipeline stage reads a pipeline file the
+    way the pipeline would run it (its wiring: `rlhf reward --config run.yaml` trains on that run's pairs). A key
+    that applies to nothing is an error naming the closest key."""
+    from rlhf import config as cfg
+
+    data = cfg.read_yaml(path)
+    section_name = command.split()[-1]
+    if command == "pipeline":
+        return data
+    fields = {f.name for f in dataclasses.fields(cls)}
+    sectioned = {k for k, v in data.items() if isinstance(v, dict) and k not in fields}
+    if not sectioned:
+        return data  # flat: every key must be one of the stage's (cfg.build says which is not)
+    if section_name in PIPELINE_STAGES:
+        from rlhf import pipeline
+
+        try:
+            run = cfg.build(pipeline.Config, data, where=path)
+        except cfg.ConfigError as e:
+            raise cfg.ConfigError(str(e).replace(f"{path}: ", f"{path} (a pipeline file): ", 1)) from None
+        if section_name == "dpo" and run.method == "ppo":
+            run.method = "both"
+        if section_name == "reward" and run.method == "dpo":
+            run.method = "both"
+        built = pipeline.stage_configs(run).get(section_name)
+        if built is not None:
+            return json.loads(json.dumps(cfg.to_dict(built), default=str))
+    known = set(fields) | sectioned
+    for key in data:
+        if key not in known:
+            raise cfg._unknown_key(key, sorted(fields), f"{path}")
+    section = data.get(section_name)
+    shared = {k: v for k, v in data.items() if k in fields and k not in sectioned}
+    return {**shared, **(section if isinstance(section, dict) else {})}
+
+
 def parse_stage_args(command: str, cls: type, argv: list[str]):
-    """--config FILE (flat keys, or the command's own section of a pipeline file) + --key value overrides.
+    """--config FILE (flat keys, or the command's own section of a pipeline file with its top-level keys) +
+    --key value overrides.
 
     For `rlhf constitutional revise` the section is the subcommand's (`revise`).
     """
     from rlhf import config as cfg
 
-    section_name = command.split()[-1]
     values: dict = {}
     rest = []
     i = 0
     while i < len(argv):
         if argv[i] == "--config" and i + 1 < len(argv) or argv[i].startswith("--config="):
             path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
-            data = cfg.read_yaml(path)
-            section = data.get(section_name)
-            values.update(section if isinstance(section, dict) and command != "pipeline" else data)
+            values.update(file_values(command, cls, path))
             i += 1 if "=" in argv[i] else 2
         else:
             rest.append(argv[i])
@@ -111,16 +152,24 @@ def main(argv: list[str] | None = None) -> int:
         if subcommands and " " not in command:
             print(f"\nsubcommands: {', '.join(subcommands)} (rlhf {command} SUBCOMMAND --help)")
         return 0
+    from rlhf.checkpoint import StageInterrupted
+
     try:
         config = parse_stage_args(command, config_cls, rest)
         run(config)
     except (cfg.ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"rlhf {command}: error: {e}", file=sys.stderr)
+        print(f"rlhf {command}: error: {' '.join(str(e).split()).removeprefix(f'rlhf {command}: ')}", file=sys.stderr)
         return 2
+    except StageInterrupted as e:
+        print(f"\nrlhf {command}: {e}", file=sys.stderr)
+        return 128 + e.signal_number
     except KeyboardInterrupt:
         print(f"\nrlhf {command}: interrupted; finished checkpoints are intact (each is written to a temp folder, "
-              f"then renamed)", file=sys.stderr)
+              f"then renamed; a half-replaced one is put back by the next run)", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only folder: say which file, without a traceback
+        print(f"rlhf {command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -35,6 +37,26 @@ def cached_jsonl(name: str, rows: list[dict]) -> Path:
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     return path
+
+
+def fingerprint(path: str | Path) -> str:
+    """What a file or folder holds, cheaply: a file's sha256 (up to 256 MB; larger ones by size and mtime), a folder's
+    files by name, size and mtime; "missing" when there is nothing there."""
+    import hashlib
+
+    path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        if stat.st_size > 256 * 2**20:
+            return f"size {stat.st_size} mtime {stat.st_mtime_ns}"
+        return "sha256 " + hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            stat = file.stat()
+            digest.update(f"{file.relative_to(path)} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        return "files " + digest.hexdigest()
+    return "missing"
 
 
 class ConfigError(ValueError):
@@ -98,14 +120,19 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-5` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -119,15 +146,91 @@ def _unknown_key(key: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'.{hint} Known keys: {', '.join(sorted(known))}")
 
 
+# --- value checks: one rule per key name, the same meaning in every stage -----------------------------------
+Check = typing.Callable[[Any], "str | None"]  # a value → what is wrong with it, or None
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v > low else f"must be greater than {low}"
+
+
+def between(low: float, high: float) -> Check:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def one_of(*choices: str) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def device_check(value: str) -> str | None:
+    """auto, cpu, cuda or cuda:N, and a CUDA device only where this machine has one."""
+    if value in ("auto", "cpu"):
+        return None
+    if not re.fullmatch(r"cuda(:\d+)?", value):
+        return "must be auto, cpu, cuda or cuda:N"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "asks for CUDA, but this machine has no CUDA device; use cpu or auto"
+    index = int(value.split(":")[1]) if ":" in value else 0
+    if index >= torch.cuda.device_count():
+        return f"asks for CUDA device {index}, but this machine has {torch.cuda.device_count()}"
+    return None
+
+
+RULES: dict[str, Check] = {
+    "lr": above(0), "value_lr": above(0), "critic_lr": above(0), "weight_decay": at_least(0),
+    "warmup_ratio": between(0, 1), "eval_fraction": between(0, 0.9),
+    "epochs": above(0), "ppo_epochs": at_least(1), "steps": at_least(1), "rounds": at_least(1),
+    "batch_size": at_least(1), "mini_batch_size": at_least(1), "generation_batch_size": at_least(1),
+    "max_length": at_least(16), "max_prompt_length": at_least(4), "max_new_tokens": at_least(1),
+    "truncation": one_of("truncate", "skip"), "device": device_check,
+    "beta": above(0), "simpo_beta": above(0), "label_smoothing": between(0, 0.5), "target_kl": at_least(0),
+    "kl_horizon": at_least(1), "kl_estimator": one_of("k1", "k3"), "critic": one_of("head", "model"),
+    "gamma": between(0, 1), "lam": between(0, 1), "clip": above(0), "value_clip": above(0), "vf_coef": at_least(0),
+    "missing_eos_penalty": at_least(0), "temperature": at_least(0), "top_p": between(0, 1),
+    "lora_r": at_least(0), "lora_alpha": at_least(1), "seed": at_least(0), "log_every": at_least(1),
+    "sample_every": at_least(1), "monitor_every": at_least(0), "monitor_size": at_least(1),
+    "monitor_window": at_least(1), "monitor_length_drift": above(0), "monitor_distinct_drift": above(0),
+    "save_every": at_least(0), "keep_last": at_least(1), "max_bad_steps": at_least(1),
+    "resume": one_of("auto", "never", "must"), "n_responses": at_least(2), "max_prompts": at_least(0),
+    "max_pairs": at_least(0), "samples": at_least(1), "examples": at_least(0), "annotator_noise": at_least(0),
+    "port": between(0, 65535), "threads": at_least(1), "concurrency": at_least(1), "retries": at_least(0),
+    "timeout": above(0), "request_timeout": above(0), "max_connections": at_least(1),
+    "max_request_bytes": at_least(1024), "max_prompt_chars": at_least(0),
+}
+
+
+def check_value(cls: type, key: str, value: Any, where: str) -> None:
+    """The field's own check (`field(..., check=)`), else the rule for its name; a failure names the key."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[key]
+    rule = f.metadata.get("check") or RULES.get(key)
+    if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return
+    problem = rule(value)
+    if problem:
+        raise ConfigError(f"{where}: '{key}' {problem}, got {value!r}")
+
+
 def build(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
-    """Make a `cls` from a dict, rejecting unknown keys with a suggestion."""
+    """Make a `cls` from a dict, rejecting unknown keys with a suggestion and out-of-range values with the key.
+    A stage's own rules across keys (`mini_batch_size` divides `batch_size`) are its Config's `__post_init__`, which
+    raises ConfigError."""
     types_ = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in types_:
             raise _unknown_key(key, list(types_), where)
         kwargs[key] = _coerce(value, types_[key], f"{where}: '{key}'")
-    return cls(**kwargs)
+        check_value(cls, key, kwargs[key], where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_scalar(text: str) -> Any:
@@ -224,10 +327,12 @@ def describe(cls: type) -> str:
     return "\n".join(f"  --{name:<24} {doc} (default: {default})" for name, doc, default in _keys(cls))
 
 
-def field(default: Any, help: str) -> Any:
-    """A dataclass field with a one-line doc that `rlhf <stage> --help` prints."""
+def field(default: Any, help: str, check: Check | None = None) -> Any:
+    """A dataclass field with a one-line doc that `rlhf <stage> --help` prints; `check` (value → problem or None)
+    replaces the rule of `RULES` for its name."""
+    metadata = {"help": help, "check": check}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: json.loads(json.dumps(default)), metadata=metadata)
     if dataclasses.is_dataclass(default):
-        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)

@@ -3,7 +3,8 @@
 Formats (TRL's field names, so existing files work):
   demonstrations  {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
                   or {"prompt": ..., "completion": ...}
-  preferences     {"prompt": ..., "chosen": ..., "rejected": ...}   (strings or message lists)
+  preferences     {"prompt": ..., "chosen": ..., "rejected": ...}   (strings or message lists), or
+                  {"chosen": ..., "rejected": ...} as two whole dialogues sharing the prompt (Anthropic HH)
   prompts         {"prompt": ...}                                    (string or message list)
 Files: JSONL, JSON (a list of records), CSV, Parquet, or a folder saved by `datasets`.
 A bad record raises DataError naming the file, the line and the field, and the accepted formats.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import re
 import threading
@@ -64,26 +66,28 @@ def read_records(path: str | Path) -> list[Record]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         records = []
-        with path.open(encoding="utf-8") as f:
-            for number, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(data, dict):
-                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(data).__name__}")
-                records.append(Record(str(path), number, data))
+        for number, text in enumerate(_text(path).split("\n"), start=1):  # not splitlines: JSON may hold U+2028
+            if not text.strip():
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(data, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {type(data).__name__}")
+            records.append(Record(str(path), number, data))
         return records
     if suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_text(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}, line {e.lineno}: not valid JSON ({e.msg})") from None
         if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else [data]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of JSON objects (or an object holding one), got "
+                            f"{type(data).__name__} {json.dumps(data)[:40]}")
         out = []
         for i, row in enumerate(data, start=1):
             if not isinstance(row, dict):
@@ -91,9 +95,9 @@ def read_records(path: str | Path) -> list[Record]:
             out.append(Record(str(path), i, row))
         return out
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            # line 1 is the header, so the first record is line 2
-            return [Record(str(path), i + 2, dict(row)) for i, row in enumerate(csv.DictReader(f))]
+        # line 1 is the header, so the first record is line 2
+        return [Record(str(path), i + 2, dict(row))
+                for i, row in enumerate(csv.DictReader(io.StringIO(_text(path), newline="")))]
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -102,6 +106,18 @@ def read_records(path: str | Path) -> list[Record]:
         rows = pq.read_table(path).to_pylist()
         return [Record(str(path), i + 1, row) for i, row in enumerate(rows)]
     raise DataError(f"{path}: unknown file type '{suffix}'; use .jsonl, .json, .csv, .parquet or a `datasets` folder")
+
+
+def _text(path: Path) -> str:
+    """A text file's content as UTF-8, a byte-order mark (Windows tools write one) dropped; bytes that are not UTF-8
+    (a binary file, another encoding) are an error naming the file and the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); is it a "
+                        f"binary file? Save it as UTF-8 JSONL, JSON or CSV") from None
 
 
 def _messages(value: Any, record: Record, field: str, kind: str) -> Messages:
@@ -168,8 +184,43 @@ def parse_demonstration(record: Record) -> tuple[Messages, str]:
     return prompt, completion
 
 
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_messages(text: str) -> Messages | None:
+    """An Anthropic HH dialogue ("\n\nHuman: ... \n\nAssistant: ...") → messages; None when it is not one."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+            for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def split_shared_prompt(record: Record) -> tuple[Messages, str, str]:
+    """A pair without a prompt whose chosen and rejected are whole dialogues (Anthropic HH's shape: strings of
+    "\n\nHuman: ... \n\nAssistant: ..." turns, or message lists): the turns they share are the prompt, and each
+    one's final assistant turn is its answer (what TRL's `extract_prompt` does) → (prompt, chosen, rejected)."""
+    dialogues = []
+    for field in ("chosen", "rejected"):
+        value = _require(record, field, "preferences")
+        messages = _hh_messages(value) if isinstance(value, str) else _messages(value, record, field, "preferences")
+        if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise DataError(f"{record.where('prompt')}: missing field 'prompt', and '{field}' is not a whole dialogue "
+                            f"ending with the assistant's answer (\"\\n\\nHuman: ... \\n\\nAssistant: ...\" or "
+                            f"messages) to take the shared prompt from. Accepted preferences: {FORMATS['preferences']}")
+        dialogues.append(messages)
+    chosen, rejected = dialogues
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError(f"{record.where()}: 'chosen' and 'rejected' are dialogues that differ before their last "
+                        f"assistant turn, so they share no prompt; give a 'prompt' field")
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
 def parse_preference(record: Record) -> tuple[Messages, str, str]:
-    """→ (prompt messages, chosen text, rejected text)."""
+    """→ (prompt messages, chosen text, rejected text). Without a 'prompt' the pair may be two whole dialogues that
+    share it (`split_shared_prompt`)."""
+    if "prompt" not in record.data and "chosen" in record.data:
+        return split_shared_prompt(record)
     prompt = _messages(_require(record, "prompt", "preferences"), record, "prompt", "preferences")
     chosen = _response_text(_require(record, "chosen", "preferences"), record, "chosen", "preferences")
     rejected = _response_text(_require(record, "rejected", "preferences"), record, "rejected", "preferences")
@@ -208,8 +259,17 @@ def read_prompt_rows(path: str | Path) -> list[tuple[Messages, dict[str, Any]]]:
     return [(parse_prompt(r), {k: v for k, v in r.data.items() if k != "prompt"}) for r in read_records(path)]
 
 
-def read_demonstrations(path: str | Path) -> list[tuple[Messages, str]]:
-    return [parse_demonstration(r) for r in read_records(path)]
+def read_demonstrations(path: str | Path, every_turn: bool = False) -> list[tuple[Messages, str]]:
+    """(prompt, answer) examples. With `every_turn`, a multi-turn conversation gives one example per assistant turn,
+    each with the conversation before it as its prompt, so every answer is learned; else only its last answer."""
+    examples = []
+    for record in read_records(path):
+        prompt, answer = parse_demonstration(record)
+        if every_turn:
+            examples += [(prompt[:i], m["content"]) for i, m in enumerate(prompt)
+                         if m["role"] == "assistant" and any(p["role"] == "user" for p in prompt[:i])]
+        examples.append((prompt, answer))
+    return examples
 
 
 def read_preferences(path: str | Path) -> list[tuple[Messages, str, str]]:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from rlhf import config as cfg
 from rlhf import fast, losses
+from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import (
     LengthPolicy,
     encode_prompt,
@@ -38,11 +39,13 @@ from rlhf.data import (
     read_usable_preferences,
     resolve_data_path,
 )
+from rlhf.guard import BadSteps
 from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.models import (
     adapter_disabled,
     add_lora,
     answer_logprobs,
+    check_writable,
     count_parameters,
     load_causal_lm,
     load_tokenizer,
@@ -55,6 +58,7 @@ from rlhf.ops import masked_sum
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 Pair = tuple[list[int], list[int], list[int]]  # prompt ids, chosen ids, rejected ids
+LOSSES = ("dpo", "ipo", "cdpo", "simpo")
 
 
 @dataclass
@@ -89,6 +93,17 @@ class Config:
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
+    save_every: int = cfg.field(20, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
+    keep_last: int = cfg.field(1, "training states kept (the newest)")
+    resume: str = cfg.field("auto", "auto (continue from the saved training state if there is one), never (start over) "
+                                    "or must")
+    resume_force: bool = cfg.field(False, "resume even when the config or the data differ from the saved state's")
+    max_bad_steps: int = cfg.field(3, "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                      "(each is skipped)")
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise cfg.ConfigError(f"'loss' must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
 
 def pair_logprobs(model, batch: list[Pair], pad_id: int, device: torch.device,
@@ -167,6 +182,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     device = pick_device(config.device)
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
+    check_writable(out)
     started = time.time()
     needs_reference = config.loss != "simpo"
 
@@ -231,40 +247,70 @@ def training(config: Config) -> Generator[dict, None, dict]:
             say(f"[dpo] reference log-probs precomputed for {len(pairs)} pairs"
                 + ("; reference model freed" if freed else ""))
 
-    # 4. train: chosen and rejected in one forward pass; the reference's log-probs without gradient
+    # 4. train: chosen and rejected in one forward pass; the reference's log-probs without gradient. The whole state
+    #    is saved every save_every steps and on SIGTERM/SIGINT, and a rerun continues from it
     steps = max(1, round(len(train_pairs) / config.batch_size * config.epochs))
     optimizer, schedule = optimizer_and_schedule(policy.parameters(), config.lr, config.weight_decay, steps,
                                                  int(config.warmup_ratio * steps))
-    log = RunLog(out.parent / f"{out.name}_logs")
     rng = random.Random(config.seed + 1)
     order: list[int] = []
-    history = []
-    bar = tqdm(range(steps), desc=config.loss, unit="step")
-    for step in bar:
-        step_started = time.time()
-        index = next_batch(order, len(train_pairs), config.batch_size, rng)
-        batch = [train_pairs[i] for i in index]
-        ref = None
-        if train_ref is not None:
-            ref = train_ref[index].T.reshape(-1).to(device)  # (2B,): chosen then rejected
-        elif needs_reference:
-            ref = reference_logprobs(reference, policy, batch, pad_id, device, bf16,
-                                     len(batch)).T.reshape(-1).to(device)
-        logprobs, n_tokens = pair_logprobs(policy, batch, pad_id, device, bf16)
-        loss, stats = loss_fn(logprobs, n_tokens, ref)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        # sequence log-probs (sums) in the log for every loss, also where the loss compared per-token means
-        chosen_logprobs, rejected_logprobs = logprobs.detach().chunk(2)
-        row = log.log(step, {"loss": loss.detach(), **stats, "chosen_logprobs": chosen_logprobs.mean(),
-                             "rejected_logprobs": rejected_logprobs.mean(), "grad_norm": grad_norm,
-                             "lr": schedule.get_last_lr()[0], "step_seconds": time.time() - step_started})
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
-        yield {**row, "batch_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)}
+    history: list[dict] = []
+    bad_steps = BadSteps(config.loss, config.max_bad_steps)
+    inputs = {"model": model_path, "data": resolve_data_path(config.data)}
+    if config.reference:
+        inputs["reference"] = resolve_model_path(config.reference)
+    state = TrainingState("dpo", config, inputs, out)
+    modules = {"policy": policy}
+    start, extra = state.resume(modules, optimizer, schedule)
+    if extra:
+        rng.setstate(extra["rng"])
+        order[:] = extra["order"]
+        history[:] = extra["history"]
+        bad_steps.load_state_dict(extra["bad_steps"])
+
+    def trainer_values() -> dict:
+        return {"rng": rng.getstate(), "order": list(order), "history": history, "bad_steps": bad_steps.state_dict()}
+
+    log_dir = out.parent / f"{out.name}_logs"
+    trim_metrics(log_dir, start)
+    log = RunLog(log_dir)
+    bar = tqdm(range(start, steps), desc=config.loss, unit="step", initial=start, total=steps)
+    state.watch_signals()
+    try:
+        for step in bar:
+            step_started = time.time()
+            index = next_batch(order, len(train_pairs), config.batch_size, rng)
+            batch = [train_pairs[i] for i in index]
+            ref = None
+            if train_ref is not None:
+                ref = train_ref[index].T.reshape(-1).to(device)  # (2B,): chosen then rejected
+            elif needs_reference:
+                ref = reference_logprobs(reference, policy, batch, pad_id, device, bf16,
+                                         len(batch)).T.reshape(-1).to(device)
+            logprobs, n_tokens = pair_logprobs(policy, batch, pad_id, device, bf16)
+            loss, stats = loss_fn(logprobs, n_tokens, ref)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            if bad_steps.ok(step, loss=loss.detach(), grad_norm=grad_norm):  # else no update: the weights stay good
+                optimizer.step()
+                schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            # sequence log-probs (sums) in the log for every loss, also where the loss compared per-token means
+            chosen_logprobs, rejected_logprobs = logprobs.detach().chunk(2)
+            row = log.log(step, {"loss": loss.detach(), **stats, "chosen_logprobs": chosen_logprobs.mean(),
+                                 "rejected_logprobs": rejected_logprobs.mean(), "grad_norm": grad_norm,
+                                 "lr": schedule.get_last_lr()[0], "bad_steps": bad_steps.total,
+                                 "step_seconds": time.time() - step_started})
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
+            if state.due(step + 1) and step + 1 < steps and not bad_steps.in_a_row:  # keep the last good one
+                state.save(step + 1, modules, optimizer, schedule, trainer_values())
+            state.stop_if_asked(step + 1, modules, optimizer, schedule, trainer_values())
+            yield {**row, "batch_tokens": sum(2 * len(p) + len(c) + len(r) for p, c, r in batch)}
+    finally:
+        state.release_signals()
+
+    bad_steps.check_last(steps)
 
     # 5. held-out pairs: the loss, implicit-reward accuracy and margin of the trained policy
     held_out = {"eval_loss": float("nan"), "eval_accuracy": float("nan"), "eval_margin": float("nan")}
@@ -285,9 +331,11 @@ def training(config: Config) -> Generator[dict, None, dict]:
                "reference": reference_name, "precompute_reference": config.precompute_reference,
                "skipped_identical": skipped["identical"], "skipped_empty": skipped["empty"],
                "skipped_too_long": lengths.skipped,
-               "truncated": lengths.truncated, "seconds": round(time.time() - started, 1)}
+               "truncated": lengths.truncated, "bad_steps": bad_steps.total,
+               "seconds": round(time.time() - started, 1)}
     save_atomic(out, model=merged_for_saving(policy), tokenizer=tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
+    state.finished()
     held_out_text = (f"held-out implicit-reward accuracy {held_out['eval_accuracy']:.3f}, margin "
                      f"{held_out['eval_margin']:.3f} on {len(eval_pairs)} pairs; " if eval_pairs else "")
     say(f"[dpo] {held_out_text}loss {summary['first']['loss']:.3f} → {summary['final_loss']:.3f}; "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
-from rlhf.data import prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.data import fit_prompts, prompt_text, read_prompts, resolve_data_path, write_jsonl
 from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.metrics import bootstrap_ci, is_refusal, mean, repetition, says_dont_know, win_outcomes, win_rate
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
@@ -57,6 +57,8 @@ class Config:
     output_dir: str = cfg.field("runs/eval", "where results.json and samples.jsonl are written")
     max_prompts: int = cfg.field(0, "use only the first N prompts (0 = all)")
     max_new_tokens: int = cfg.field(64, "longest response in tokens")
+    max_prompt_length: int = cfg.field(256, "longer prompts are cut from the left or skipped (see truncation)")
+    truncation: str = cfg.field("truncate", "prompts over max_prompt_length: truncate or skip")
     temperature: float = cfg.field(0.7, "sampling temperature (as in training)")
     batch_size: int = cfg.field(64, "prompts sampled at once")
     examples: int = cfg.field(3, "prompts shown with every model's answer side by side")
@@ -74,7 +76,6 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     prompts = read_prompts(resolve_data_path(config.data))
     if config.max_prompts:
         prompts = prompts[: config.max_prompts]
-    questions = [prompt_text(p) for p in prompts]
     behaviour_prompts = {name: read_prompts(resolve_data_path(getattr(config, f"{name}_prompts")))
                          for name in BEHAVIOURS if getattr(config, f"{name}_prompts") not in ("", "none")}
     if config.baseline and config.baseline not in config.models:
@@ -84,6 +85,15 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     baseline = config.baseline or config.models[0]
     reference_path = resolve_model_path(config.reference or baseline)
     tokenizer = load_tokenizer(reference_path)
+    prompts, lengths = fit_prompts(tokenizer, prompts, config.max_prompt_length, config.truncation)
+    behaviour_prompts = {name: fit_prompts(tokenizer, p, config.max_prompt_length, "truncate")[0]  # twins stay paired
+                         for name, p in behaviour_prompts.items()}
+    if not prompts:
+        raise ValueError(f"{config.data}: every prompt is longer than max_prompt_length={config.max_prompt_length}")
+    if lengths.truncated or lengths.skipped:
+        say(f"[eval] {lengths.truncated} prompts truncated, {lengths.skipped} skipped at max_prompt_length="
+            f"{config.max_prompt_length}")
+    questions = [prompt_text(p) for p in prompts]
     reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=bf16)
     settings = (config.max_new_tokens, config.temperature, config.batch_size, bf16, config.seed)
 

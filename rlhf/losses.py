@@ -84,9 +84,10 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL estimate (ρ - 1) - log ρ with ρ = π_ref / π, ``(B, T)``.
 
-    Unbiased and never negative (x - 1 >= log x), with lower variance than k1.
+    Unbiased and never negative (x - 1 >= log x), with lower variance than k1. log ρ is clamped at
+    MAX_LOG_RATIO: expm1 overflows to Inf above ~88, and one Inf would make the batch's rewards NaN.
     """
-    log_rho = ref_logprobs - logprobs
+    log_rho = (ref_logprobs - logprobs).clamp(max=MAX_LOG_RATIO)
     # expm1 stays accurate when ρ ≈ 1; the clamp removes rounding below 0.
     return (torch.expm1(log_rho) - log_rho).clamp(min=0.0)
 

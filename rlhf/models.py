@@ -12,6 +12,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -120,6 +121,7 @@ def resolve_model_path(name: str | None) -> Path:
         target = cache_dir() / "tiny-llama"
         return target if (target / "config.json").is_file() else build_tiny_model(target)
     path = Path(name)
+    recover_checkpoint(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model '{name}' is not a Hugging Face model folder (no config.json there). "
@@ -226,6 +228,35 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def recover_checkpoint(out_dir: str | Path) -> None:
+    """Put back a checkpoint that a kill left half-replaced, and remove the temp folders of killed saves.
+
+    `save_atomic` replaces a folder in two renames (the old one aside to `.NAME.old-PID`, the new one in): a kill
+    between them leaves the visible path missing, and the old folder, complete, is renamed back. Temp folders
+    (`.NAME.tmp-*`) of saves that never finished are removed (on a real model each is the size of the model).
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out_dir.exists():
+        os.replace(olds.pop(), out_dir)
+    for stale in olds + list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Fail before training, not after it, when the checkpoint could not be written: the folder's parent is created
+    and a file written and removed there."""
+    parent = Path(out_dir).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkstemp(prefix=f".{Path(out_dir).name}.probe-", dir=parent)[1])
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"output_dir: cannot write in {parent} ({e.strerror or e}); choose another folder") from None
+
+
 def save_atomic(
     out_dir: str | Path,
     model=None,
@@ -236,13 +267,31 @@ def save_atomic(
 ) -> Path:
     """Write a Hugging Face folder into a temp folder beside `out_dir`, then rename it into place.
 
-    A kill or Ctrl-C at any moment leaves either the old folder or the new one, never half of one.
-    `subfolders` maps a name to (model, tokenizer): each is saved as a folder of its own inside, in the same move
-    (PPO's separate critic beside its policy).
+    A kill or Ctrl-C at any moment leaves either the old folder or the new one, never half of one (a kill between
+    the two renames leaves the old one aside, and `recover_checkpoint`, run by the next save or load, puts it
+    back). `subfolders` maps a name to (model, tokenizer): each is saved as a folder of its own inside, in the same
+    move (PPO's separate critic beside its policy). A model or tensor holding NaN or Inf is refused (ValueError)
+    and nothing is written. A full disk or read-only folder is a ValueError that says so, the old folder intact.
     """
+    from rlhf.guard import nonfinite_tensors
+
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    bad = []
+    for label, candidate in [("model", model)] + [(f"{name}/", m) for name, (m, _) in (subfolders or {}).items()]:
+        if isinstance(candidate, torch.nn.Module):
+            bad += [f"{label} {name}" for name in nonfinite_tensors(candidate.state_dict().items())]
+    for file, state in (tensors or {}).items():
+        bad += [f"{file} {name}" for name in nonfinite_tensors(state.items())]
+    if bad:
+        raise ValueError(f"refusing to save {out_dir}: {len(bad)} tensor(s) hold NaN or Inf ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}); the run diverged")
+    recover_checkpoint(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise ValueError(f"cannot save {out_dir}: {e.strerror or e}") from None
+    old = None
     try:
         if model is not None:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -259,16 +308,20 @@ def save_atomic(
             sub_model.save_pretrained(tmp / name, safe_serialization=True)
             if sub_tokenizer is not None:
                 sub_tokenizer.save_pretrained(tmp / name)
-        old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():  # interrupted between the renames: the old one goes back
+            os.replace(old, out_dir)
+        if isinstance(e, OSError):
+            raise ValueError(f"cannot save {out_dir}: {e.strerror or e} (the previous checkpoint, if any, is "
+                             f"intact)") from None
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -369,6 +422,13 @@ def load_reward_normalisation(path: str | Path) -> tuple[float, float]:
     """(mean, std) of the reward model's scores on reference-policy samples, saved by `rlhf reward`."""
     file = Path(path) / "rlhf_reward_norm.json"
     if not file.is_file():
-        return 0.0, 1.0
-    data = json.loads(file.read_text())
-    return float(data["mean"]), float(data["std"])
+        raise ValueError(f"reward_model: {path} has no rlhf_reward_norm.json (the score mean/std that `rlhf reward` "
+                         f"saves); train it with `rlhf reward`, or set normalize_reward false to use raw scores")
+    try:
+        data = json.loads(file.read_text())
+        mean, std = float(data["mean"]), float(data["std"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{file}: expected {{\"mean\": number, \"std\": number}} ({e})") from None
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise ValueError(f"{file}: mean {mean} and std {std} must be finite, std > 0")
+    return mean, std

@@ -119,7 +119,7 @@ def logprobs_and_entropy_from_logits(
     """``logprobs_from_logits`` and ``entropy_from_logits`` from one pass over the logits: ``(B, T)`` each, the
     log-probabilities with their gradient, the entropy without one (0 where ``mask`` is False)."""
     logprobs, entropy = _label_logprobs(logits, labels, temperature, want_entropy=True)
-    return logprobs, _zero_outside(entropy, mask)
+    return logprobs, zero_outside(entropy, mask)
 
 
 def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float, want_entropy: bool):
@@ -130,7 +130,9 @@ def _label_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     return _LabelLogprob.apply(logits, labels.long(), float(temperature), want_entropy)
 
 
-def _zero_outside(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def zero_outside(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``values`` where ``mask`` is True, 0 elsewhere. Not ``values * mask``: an Inf at a padding position times 0 is
+    NaN, and one NaN spreads through every sum that reads it."""
     return values if mask is None else torch.where(mask.bool(), values, torch.zeros_like(values))
 
 
@@ -156,7 +158,7 @@ def entropy_from_logits(
     for rows, chunk in _row_chunks(logits):
         # one fused log_softmax and a row-wise dot: about twice as fast as logsumexp, exp and a masked product
         out[rows] = _entropy_from_log_probs(torch.log_softmax(_upcast_scaled(chunk, temperature), dim=-1))
-    return _zero_outside(out.view(logits.shape[:-1]), mask)
+    return zero_outside(out.view(logits.shape[:-1]), mask)
 
 
 def _valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
-from rlhf.data import prompt_for_output, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.data import fit_prompts, prompt_for_output, prompt_text, read_prompts, resolve_data_path, write_jsonl
 from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rollout import sample
@@ -31,6 +31,8 @@ class Config:
     max_prompts: int = cfg.field(0, "use only the first N prompts (0 = all)")
     n_responses: int = cfg.field(2, "responses sampled per prompt (every two of them make a pair)")
     max_new_tokens: int = cfg.field(64, "longest response in tokens")
+    max_prompt_length: int = cfg.field(256, "longer prompts are cut from the left or skipped (see truncation)")
+    truncation: str = cfg.field("truncate", "prompts over max_prompt_length: truncate or skip")
     temperature: float = cfg.field(1.0, "sampling temperature (diverse answers make informative pairs)")
     annotator: str = cfg.field("simulated", "who chooses: simulated, or none to write unlabelled candidates")
     annotator_noise: float = cfg.field(0.1, "label noise of the simulated annotator (Bradley–Terry temperature on the "
@@ -58,8 +60,12 @@ def main(config: Config) -> dict:
         prompts = prompts[: config.max_prompts]
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
+    prompts, lengths = fit_prompts(tokenizer, prompts, config.max_prompt_length, config.truncation)
+    if not prompts:
+        raise ValueError(f"{config.data}: every prompt is longer than max_prompt_length={config.max_prompt_length}")
     model = load_causal_lm(model_path, device, trainable=False, bf16_linears=bf16)
-    say(f"[pairs] {len(prompts)} prompts × {config.n_responses} responses from {model_path}")
+    say(f"[pairs] {len(prompts)} prompts × {config.n_responses} responses from {model_path} ({lengths.truncated} "
+        f"truncated, {lengths.skipped} skipped at max_prompt_length={config.max_prompt_length})")
 
     # 2. sample every prompt n times in one batched pass
     repeated = [p for p in prompts for _ in range(config.n_responses)]

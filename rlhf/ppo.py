@@ -29,6 +29,7 @@ import torch
 from rlhf import config as cfg
 from rlhf import fast, losses
 from rlhf.annotators import SimulatedAnnotator
+from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import (
     Messages,
     encode_conversation,
@@ -40,10 +41,12 @@ from rlhf.data import (
     resolve_data_path,
     write_jsonl,
 )
+from rlhf.guard import BadSteps
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.models import (
     adapter_disabled,
     add_lora,
+    check_writable,
     count_parameters,
     forward_logits,
     load_causal_lm,
@@ -57,7 +60,7 @@ from rlhf.models import (
     score_sequences,
 )
 from rlhf.monitor import ppo_monitor
-from rlhf.ops import logprobs_and_entropy_from_logits, logprobs_from_logits, masked_mean, whiten
+from rlhf.ops import logprobs_and_entropy_from_logits, logprobs_from_logits, masked_mean, whiten, zero_outside
 from rlhf.rollout import Rollout, sample
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
@@ -77,10 +80,13 @@ class Config:
     truncation: str = cfg.field("truncate", "prompts over max_prompt_length: truncate or skip")
     temperature: float = cfg.field(0.7, "sampling temperature (logprobs are recomputed at the same temperature)")
     lr: float = cfg.field(1e-5, "policy learning rate")
-    value_lr: float = cfg.field(1e-3, "critic learning rate (the head starts at zero and must catch up fast; "
-                                      "with critic: model use about the policy's lr)")
+    value_lr: float = cfg.field(1e-3, "value head learning rate (critic: head; the head starts at zero and must catch "
+                                      "up fast)")
+    critic_lr: float = cfg.field(1e-5, "learning rate of a separate critic (critic: model): a full model, so about the "
+                                       "policy's lr, not the value head's")
     kl_estimator: str = cfg.field("k1", "per-token KL estimator in the reward: k1 (log ratio) or k3")
-    beta: float = cfg.field(0.05, "KL coefficient β (initial value when target_kl is set)")
+    beta: float = cfg.field(0.05, "KL coefficient β (initial value when target_kl is set); 0 = no KL penalty",
+                            check=cfg.at_least(0))
     target_kl: float = cfg.field(0.0, "target KL per response for the adaptive controller (0 = fixed β)")
     kl_horizon: int = cfg.field(10000, "adaptive controller horizon in responses")
     gamma: float = cfg.field(1.0, "discount")
@@ -123,6 +129,20 @@ class Config:
                                            "~20 s, per batch size and cache-length bucket)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
+    save_every: int = cfg.field(5, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
+    keep_last: int = cfg.field(1, "training states kept (the newest)")
+    resume: str = cfg.field("auto", "auto (continue from the saved training state if there is one), never (start over) "
+                                    "or must")
+    resume_force: bool = cfg.field(False, "resume even when the config or the data differ from the saved state's")
+    max_bad_steps: int = cfg.field(3, "stop after this many updates in a row with a non-finite loss or gradient norm "
+                                      "(each is skipped)")
+
+    def __post_init__(self):
+        if self.mini_batch_size > self.batch_size or self.batch_size % self.mini_batch_size:
+            raise cfg.ConfigError(f"'mini_batch_size' ({self.mini_batch_size}) must divide 'batch_size' "
+                                  f"({self.batch_size})")
+        if self.temperature <= 0:
+            raise cfg.ConfigError(f"'temperature' must be greater than 0 (PPO samples), got {self.temperature}")
 
 
 def response_logprobs_values(model, value_head, rollout: Rollout, temperature: float, bf16: bool, device,
@@ -180,8 +200,8 @@ class Models:
         """π's log-probabilities, the values and (optionally) the entropy of the rollout's responses."""
         logprobs, values, entropy = response_logprobs_values(self.policy, self.value_head, rollout, config.temperature,
                                                               bf16, device, want_entropy=want_entropy)
-        if self.critic is not None:
-            values = critic_values(self.critic, rollout, bf16, device)
+        if self.critic is not None:  # in the returns' units: the critic starts as the reward model, raw scores
+            values = (critic_values(self.critic, rollout, bf16, device) - self.reward_mean) / self.reward_std
         return logprobs, values, entropy
 
     @torch.no_grad()
@@ -197,8 +217,9 @@ class Models:
         policy_parameters = [p for p in self.policy.parameters() if p.requires_grad]
         critic_parameters = list((self.critic or self.value_head).parameters())
         updates = config.steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
+        critic_lr = config.critic_lr if self.critic is not None else config.value_lr
         optimizer, schedule = optimizer_and_schedule([{"params": policy_parameters, "lr": config.lr},
-                                                      {"params": critic_parameters, "lr": config.value_lr}],
+                                                      {"params": critic_parameters, "lr": critic_lr}],
                                                      config.lr, 0.0, updates, 0)
         return optimizer, schedule, policy_parameters, critic_parameters
 
@@ -226,6 +247,9 @@ def load_models(config: Config, device, bf16: bool) -> Models:
     reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False, bf16_linears=bf16)
     critic = value_head = None
     if config.critic == "model":  # a fourth model: a trainable copy of the reward model
+        if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"critic: model reads the policy's token ids, but the reward model {reward_path} has "
+                             f"another tokenizer than the policy {policy_path}; use critic: head")
         critic = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)
     else:  # a zero-initialised linear head on the policy's last hidden state
         text_config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
@@ -277,6 +301,7 @@ def training(config: Config) -> Iterator[dict]:
     device = pick_device(config.device)
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
+    check_writable(out)
     started = time.time()
 
     # 0. models, prompts, the gold judge (logging only), the monitor, the optimiser
@@ -284,10 +309,17 @@ def training(config: Config) -> Iterator[dict]:
     tokenizer, policy = models.tokenizer, models.policy
     prompts = training_prompts(config, tokenizer)
     gold = SimulatedAnnotator(noise_temperature=0.0, device=str(device)) if config.gold else None
+    optimizer, schedule, policy_parameters, critic_parameters = models.optimiser(config)
+    # the whole state is saved every save_every steps and on SIGTERM/SIGINT, and a rerun continues from it
+    state = TrainingState("ppo", config, {"policy": resolve_model_path(config.policy), "data": resolve_data_path(
+        config.data), "reward_model": resolve_model_path(config.reward_model)}, out)
+    modules = {"policy": policy, **({"critic": models.critic} if models.critic is not None else
+                                    {"value_head": models.value_head})}
+    start, extra = state.resume(modules, optimizer, schedule)
+    trim_metrics(out.parent / f"{out.name}_logs", start)
     log = RunLog(out.parent / f"{out.name}_logs")
     monitor = ppo_monitor(config, tokenizer, models.reward_model, models.reward_tokenizer, device, bf16, gold,
                           log.out_dir)
-    optimizer, schedule, policy_parameters, critic_parameters = models.optimiser(config)
     # one epoch over one mini-batch: the update's forward pass is the rollout's own (the policy has not changed
     # in between), so its graph is kept and nothing runs twice
     reuse_forward = (config.reuse_rollout_forward and config.ppo_epochs == 1
@@ -295,9 +327,22 @@ def training(config: Config) -> Iterator[dict]:
     # a separate critic's backward beside the policy's, a share of the cores each (`rlhf.fast.lanes`)
     lanes = fast.SideBySide(config.side_by_side and device.type == "cpu") if models.critic is not None else None
     beta, rng, order, samples, history = config.beta, random.Random(config.seed), [], [], []
+    bad_steps = BadSteps("ppo", config.max_bad_steps, unit="updates")
+    if extra:
+        beta, order, samples, history = extra["beta"], extra["order"], extra["samples"], extra["history"]
+        rng.setstate(extra["rng"])
+        monitor.checks, monitor.samples = extra["monitor_checks"], extra["monitor_samples"]
+        bad_steps.load_state_dict(extra["bad_steps"])
+
+    def trainer_values() -> dict:
+        return {"beta": beta, "order": list(order), "samples": samples, "history": history, "rng": rng.getstate(),
+                "monitor_checks": monitor.checks, "monitor_samples": monitor.samples,
+                "bad_steps": bad_steps.state_dict()}
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(config.steps), desc="ppo", unit="step")
+    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", initial=start, total=config.steps)
+    state.watch_signals()
     for step in bar:
         step_started = time.time()
         batch_prompts = [prompts[i] for i in next_batch(order, len(prompts), config.batch_size, rng)]
@@ -317,7 +362,8 @@ def training(config: Config) -> Iterator[dict]:
             rollout_logprobs, rollout_values, entropy = models.policy_forward(rollout, config, bf16, device, True)
         old_logprobs, old_values = rollout_logprobs.detach(), rollout_values.detach()
         ref_logprobs = models.reference_logprobs(rollout, config, bf16, device)
-        kl = (losses.kl_k1 if config.kl_estimator == "k1" else losses.kl_k3)(old_logprobs, ref_logprobs) * mask
+        kl = zero_outside((losses.kl_k1 if config.kl_estimator == "k1" else losses.kl_k3)(old_logprobs, ref_logprobs),
+                          mask)  # not `* mask`: an Inf past EOS times 0 is NaN
         rewards, reward_stats = losses.kl_shaped_rewards(scores, kl, mask, beta)
 
         # 4. advantages (GAE, γ=1, λ=0.95), whitened over the batch's real tokens
@@ -341,8 +387,9 @@ def training(config: Config) -> Iterator[dict]:
                                                           part.response_mask, config.value_clip)
                 grad_norm = fast.backward_and_clip([(pg_loss, policy_parameters),
                                                     (config.vf_coef * vf_loss, critic_parameters)], 1.0, lanes)
-                optimizer.step()
-                schedule.step()
+                if bad_steps.ok(step, policy_loss=pg_loss.detach(), value_loss=vf_loss.detach(), grad_norm=grad_norm):
+                    optimizer.step()  # else no update: the weights stay those of the last good one
+                    schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 for key, value in {**pg_stats, **vf_stats, "policy_loss": pg_loss.detach(),
                                    "value_loss": vf_loss.detach(), "grad_norm": grad_norm}.items():
@@ -372,7 +419,12 @@ def training(config: Config) -> Iterator[dict]:
                         gold=f"{row.get('gold_score', float('nan')):.3f}")
         if step % config.sample_every == 0 or step == config.steps - 1:
             samples += first_samples(step, batch_prompts, rollout.texts, scores, gold_scores)
+        if state.due(step + 1) and step + 1 < config.steps and not bad_steps.in_a_row:  # keep the last good one
+            state.save(step + 1, modules, optimizer, schedule, trainer_values())
+        state.stop_if_asked(step + 1, modules, optimizer, schedule, trainer_values())
         yield row
+    state.release_signals()
+    bad_steps.check_last(config.steps)
     log.close()
     if lanes is not None:
         lanes.close()
@@ -380,7 +432,9 @@ def training(config: Config) -> Iterator[dict]:
     # 8. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it, or a separate critic
     #    as a sequence-classifier folder inside it (critic/): the trained value function is not thrown away
     write_jsonl(log.out_dir / "samples.jsonl", samples)
-    return save(config, models, out, history, beta, time.time() - started)
+    summary = save(config, models, out, history, beta, time.time() - started)
+    state.finished()
+    return summary
 
 
 def first_samples(step: int, prompts: list[Messages], texts: list[str], scores: torch.Tensor,

@@ -23,6 +23,7 @@ import torch
 
 from rlhf import config as cfg
 from rlhf import fast
+from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import (
     LengthPolicy,
     encode_conversation,
@@ -31,9 +32,11 @@ from rlhf.data import (
     read_usable_preferences,
     resolve_data_path,
 )
+from rlhf.guard import BadSteps
 from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import (
+    check_writable,
     load_reward_model,
     load_tokenizer,
     optimizer_and_schedule,
@@ -63,6 +66,13 @@ class Config:
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
+    save_every: int = cfg.field(20, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
+    keep_last: int = cfg.field(1, "training states kept (the newest)")
+    resume: str = cfg.field("auto", "auto (continue from the saved training state if there is one), never (start over) "
+                                    "or must")
+    resume_force: bool = cfg.field(False, "resume even when the config or the data differ from the saved state's")
+    max_bad_steps: int = cfg.field(3, "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                      "(each is skipped)")
 
 
 def shared_prefix_length(a: list[int], b: list[int]) -> int:
@@ -129,6 +139,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     device = pick_device(config.device)
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
+    check_writable(out)
     started = time.time()
 
     # 1. the starting model with a fresh one-output head
@@ -154,7 +165,9 @@ def training(config: Config) -> Generator[dict, None, dict]:
             margin = float(value)
         c = lengths.fit(encode_conversation(tokenizer, prompt, chosen))
         r = lengths.fit(encode_conversation(tokenizer, prompt, rejected))
-        if c is not None and r is not None:
+        if c is not None and r is not None and c == r:  # cut to the same tokens: nothing left to prefer
+            skipped["identical_after_truncation"] = skipped.get("identical_after_truncation", 0) + 1
+        elif c is not None and r is not None:
             pairs.append((c, r, margin))
     if len(pairs) < 2:
         raise ValueError(f"{config.data}: need at least 2 usable pairs, found {len(pairs)} "
@@ -164,33 +177,60 @@ def training(config: Config) -> Generator[dict, None, dict]:
     n_eval = max(1, int(len(pairs) * config.eval_fraction)) if config.eval_fraction > 0 else 0
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     say(f"[reward] {len(train_pairs)} train / {len(eval_pairs)} held-out pairs "
-        f"(skipped: {skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long; "
-        f"{lengths.truncated} truncated)")
+        f"(skipped: {skipped['identical']} identical, {skipped['empty']} empty, {lengths.skipped} too long, "
+        f"{skipped.get('identical_after_truncation', 0)} identical once cut to max_length; {lengths.truncated} "
+        f"truncated from the left, the answers kept)")
 
-    # 3. train with the Bradley–Terry loss; chosen and rejected go through one forward pass
+    # 3. train with the Bradley–Terry loss; chosen and rejected go through one forward pass. The whole state is saved
+    #    every save_every steps and on SIGTERM/SIGINT, and a rerun continues from it
     steps = max(1, round(len(train_pairs) / config.batch_size * config.epochs))
     optimizer, schedule = optimizer_and_schedule(model.parameters(), config.lr, config.weight_decay, steps,
                                                  int(config.warmup_ratio * steps))
-    log = RunLog(out.parent / f"{out.name}_logs")
     rng = random.Random(config.seed + 1)
     order: list[int] = []
+    bad_steps = BadSteps("reward", config.max_bad_steps)
+    state = TrainingState("reward", config, {"model": model_path, "data": resolve_data_path(config.data)}, out)
+    modules = {"model": model}
+    start, extra = state.resume(modules, optimizer, schedule)
+    if extra:
+        rng.setstate(extra["rng"])
+        order[:] = extra["order"]
+        bad_steps.load_state_dict(extra["bad_steps"])
+
+    def trainer_values() -> dict:
+        return {"rng": rng.getstate(), "order": list(order), "bad_steps": bad_steps.state_dict()}
+
+    log_dir = out.parent / f"{out.name}_logs"
+    trim_metrics(log_dir, start)
+    log = RunLog(log_dir)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(steps), desc="reward", unit="step")
-    for step in bar:
-        batch = [train_pairs[i] for i in next_batch(order, len(train_pairs), config.batch_size, rng)]
-        with autocast(device, bf16):
-            chosen_scores, rejected_scores = pair_scores(model, [(c, r) for c, r, _ in batch], pad_id, device)
-        margin = torch.tensor([m for _, _, m in batch], device=device) if config.margin_field else None
-        loss, stats = bradley_terry_loss(chosen_scores, rejected_scores, margin)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        row = log.log(step, {"loss": loss.detach(), **stats, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
-        yield {**row, "batch_tokens": sum(len(c) + len(r) for c, r, _ in batch)}
+    bar = tqdm(range(start, steps), desc="reward", unit="step", initial=start, total=steps)
+    state.watch_signals()
+    try:
+        for step in bar:
+            batch = [train_pairs[i] for i in next_batch(order, len(train_pairs), config.batch_size, rng)]
+            with autocast(device, bf16):
+                chosen_scores, rejected_scores = pair_scores(model, [(c, r) for c, r, _ in batch], pad_id, device)
+            margin = torch.tensor([m for _, _, m in batch], device=device) if config.margin_field else None
+            loss, stats = bradley_terry_loss(chosen_scores, rejected_scores, margin)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if bad_steps.ok(step, loss=loss.detach(), grad_norm=grad_norm):  # else no update: the weights stay good
+                optimizer.step()
+                schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            row = log.log(step, {"loss": loss.detach(), **stats, "grad_norm": grad_norm,
+                                 "lr": schedule.get_last_lr()[0], "bad_steps": bad_steps.total})
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
+            if state.due(step + 1) and step + 1 < steps and not bad_steps.in_a_row:  # keep the last good one
+                state.save(step + 1, modules, optimizer, schedule, trainer_values())
+            state.stop_if_asked(step + 1, modules, optimizer, schedule, trainer_values())
+            yield {**row, "batch_tokens": sum(len(c) + len(r) for c, r, _ in batch)}
+    finally:
+        state.release_signals()
+
+    bad_steps.check_last(steps)
 
     # 4. held-out pairwise accuracy, and the score scale on the reference policy's own samples
     def pairwise_accuracy(subset):
@@ -212,11 +252,13 @@ def training(config: Config) -> Generator[dict, None, dict]:
     summary = {"stage": "reward", "steps": steps, "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs),
                "eval_accuracy": eval_accuracy, "train_accuracy": train_accuracy,
                "skipped_identical": skipped["identical"], "skipped_empty": skipped["empty"],
-               "skipped_too_long": lengths.skipped, "truncated": lengths.truncated,
+               "skipped_identical_after_truncation": skipped.get("identical_after_truncation", 0),
+               "skipped_too_long": lengths.skipped, "truncated": lengths.truncated, "bad_steps": bad_steps.total,
                "seconds": round(time.time() - started, 1)}
     save_atomic(out, model=model, tokenizer=tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_reward_norm.json": norm,
                             "rlhf_summary.json": summary})
+    state.finished()
     say(f"[reward] held-out pairwise accuracy {eval_accuracy:.3f} on {len(eval_pairs)} pairs "
         f"(train {train_accuracy:.3f}); saved {out} ({summary['seconds']} s)")
     return summary

@@ -50,10 +50,21 @@ class Rollout:
                        self.response_mask[index], self.ended[index], texts)
 
 
-def truncate_at_eos(response_ids: torch.Tensor, eos_id: int,
+def stop_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and those of the model's generation config, which for
+    Llama 3 or Qwen2.5 is a list (`<|eot_id|>` beside `<|end_of_text|>`, `<|im_end|>` beside `<|endoftext|>`)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(i for i in ids if isinstance(i, int))
+
+
+def truncate_at_eos(response_ids: torch.Tensor, eos_id: int | list[int],
                     pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (ids with pad after the first EOS, mask True up to and including it, ended (B,))."""
-    is_eos = response_ids == eos_id
+    """→ (ids with pad after the first EOS (any of `eos_id` when a list), mask True up to and including it,
+    ended (B,))."""
+    eos = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=response_ids.device)
+    is_eos = torch.isin(response_ids, eos)
     ended = is_eos.any(dim=1)
     # number of EOS seen strictly before each position: 0 means still inside the response
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
@@ -68,9 +79,17 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -
     Same distribution as `torch.multinomial(probs, 1)`, which on CPU draws an exponential variate for every
     vocabulary entry (a tenth of a decode step at batch 8), against a cumulative sum and B uniforms here. A token
     of zero probability spans an empty interval of the cumulative sum, so it is never drawn. The rows need not
-    sum to 1. `generator`: the random stream to draw from (the global one when None).
+    sum to 1. `generator`: the random stream to draw from (the global one when None). A row that is not a
+    distribution (NaN, Inf, negative, or all zero: the model's logits diverged) raises ValueError instead of
+    becoming a token id.
     """
     cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1]
+    broken = ~torch.isfinite(total) | (total <= 0) | (probs < 0).any(dim=-1)
+    if bool(broken.any()):
+        row = int(broken.nonzero()[0, 0])
+        raise ValueError(f"sampling: the next-token distribution of row {row} is not finite or sums to "
+                         f"{float(total[row])} (the model's weights or logits hold NaN/Inf); lower the lr")
     u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
@@ -117,19 +136,22 @@ def decode_steps(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max
             logits = forward.step(token)
 
 
-def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int,
+def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_id: int | list[int],
+           pad_id: int,
            temperature: float = 0.7, top_p: float = 1.0, greedy: bool = False, min_new_tokens: int = 0,
            fast: bool = True, compiled: bool = False) -> torch.Tensor:
     """Response ids (B, ≤ max_new_tokens) for left-padded prompts, sampled from softmax(logits / temperature)
-    (or greedy), EOS held back for the first `min_new_tokens`; pad after a row's EOS."""
+    (or greedy), EOS held back for the first `min_new_tokens`; pad after a row's EOS (any of `eos_id` when a list)."""
+    eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+
     def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
         logits = logits.float()
         if step < min_new_tokens:
             logits = logits.clone()
-            logits[:, eos_id] = float("-inf")
+            logits[:, eos_ids] = float("-inf")
         return next_token(logits, temperature, top_p, greedy)
 
-    tokens = [token for token, _ in decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, {eos_id}, pad_id,
+    tokens = [token for token, _ in decode_steps(model, prompt_ids, prompt_mask, max_new_tokens, set(eos_ids), pad_id,
                                                  choose, fast, compiled)]
     return torch.stack(tokens, dim=1) if tokens else prompt_ids.new_empty(prompt_ids.shape[0], 0)
 
@@ -153,6 +175,7 @@ def sample(
     faster per token on CPU), then stitched into one right-padded Rollout. `compiled`: decode steps as compiled
     graphs (`LayerStackDecoder`), for long runs."""
     device = next(model.parameters()).device
+    stops = stop_ids(model, tokenizer)
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     pieces = []
     chunks = range(0, len(encoded), batch_size)
@@ -164,7 +187,7 @@ def sample(
         prompt_ids, prompt_mask = pad_left(encoded[start:start + batch_size], tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
         with autocast(device, bf16), weights_cast_once(model, bf16):
-            response = decode(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id,
+            response = decode(model, prompt_ids, prompt_mask, max_new_tokens, stops,
                               tokenizer.pad_token_id, temperature, top_p, greedy, min_new_tokens, compiled=compiled)
         pieces.append((prompt_ids, prompt_mask, response))
     prompt_width = max(p.shape[1] for p, _, _ in pieces)
@@ -177,7 +200,7 @@ def sample(
         all_prompt_mask.append(torch.nn.functional.pad(prompt_mask, (left, 0), value=0))
         right = response_width - response.shape[1]
         all_response.append(torch.nn.functional.pad(response, (0, right), value=pad))
-    response_ids, response_mask, ended = truncate_at_eos(torch.cat(all_response), tokenizer.eos_token_id, pad)
+    response_ids, response_mask, ended = truncate_at_eos(torch.cat(all_response), stops, pad)
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad), skip_special_tokens=True)
     return Rollout(torch.cat(all_prompt), torch.cat(all_prompt_mask), response_ids, response_mask, ended,
                    [t.strip() for t in texts])

@@ -4,9 +4,11 @@ What: maximise the likelihood of the demonstrated answers, with the loss on the 
 (the prompt is context, not something to imitate), the model's chat template applied, and the
 answer closed by the EOS token so the model learns to stop.
 Paper: Ouyang et al. 2022 (InstructGPT), step 1.
-Our deviations: token-level mean loss over the batch; examples longer than `max_length` are cut from
-the prompt's left (or skipped) and counted, never a crash. Logits are computed only from the batch's
-shortest prompt's end on (`logits_to_keep`): earlier positions predict prompt tokens, which the loss ignores.
+Our deviations: token-level mean loss over the batch; a multi-turn conversation teaches every assistant turn (one
+example per turn, with the conversation before it as the prompt; `assistant_turns: last` keeps only the last);
+examples longer than `max_length` are cut from the prompt's left (or skipped) and counted, never a crash. Logits
+are computed only from the batch's shortest prompt's end on (`logits_to_keep`): earlier positions predict prompt
+tokens, which the loss ignores.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ import torch
 
 from rlhf import config as cfg
 from rlhf import fast
+from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, read_demonstrations, resolve_data_path
+from rlhf.guard import BadSteps
 from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.losses import sft_loss
 from rlhf.models import (
     add_lora,
     answer_logprobs,
+    check_writable,
     count_parameters,
     load_causal_lm,
     load_tokenizer,
@@ -52,6 +57,9 @@ class Config:
     warmup_ratio: float = cfg.field(0.1, "fraction of steps spent warming the learning rate up")
     max_length: int = cfg.field(256, "longest prompt+response in tokens")
     truncation: str = cfg.field("truncate", "what to do with longer examples: truncate or skip")
+    assistant_turns: str = cfg.field("all", "multi-turn conversations: learn 'all' assistant turns (one example per "
+                                            "turn, the conversation before it as its prompt) or only the 'last'",
+                                     check=cfg.one_of("all", "last"))
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights)")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
     bf16: Precision = cfg.field("auto", "bf16 autocast: auto (where the CPU or GPU has it natively), true or false")
@@ -60,6 +68,13 @@ class Config:
     device: str = cfg.field("auto", "cpu, cuda or auto")
     seed: int = cfg.field(0, "random seed")
     log_every: int = cfg.field(1, "log metrics every N steps")
+    save_every: int = cfg.field(20, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
+    keep_last: int = cfg.field(1, "training states kept (the newest)")
+    resume: str = cfg.field("auto", "auto (continue from the saved training state if there is one), never (start over) "
+                                    "or must")
+    resume_force: bool = cfg.field(False, "resume even when the config or the data differ from the saved state's")
+    max_bad_steps: int = cfg.field(3, "stop after this many steps in a row with a non-finite loss or gradient norm "
+                                      "(each is skipped)")
 
 
 def main(config: Config) -> dict:
@@ -77,6 +92,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     device = pick_device(config.device)
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
+    check_writable(out)
     started = time.time()
 
     # 1. model and tokenizer
@@ -93,7 +109,8 @@ def training(config: Config) -> Generator[dict, None, dict]:
     # 2. demonstrations → (prompt ids, response ids + EOS); loss only on the response part
     lengths = LengthPolicy(config.max_length, config.truncation)
     examples = []
-    for prompt, completion in read_demonstrations(resolve_data_path(config.data)):
+    for prompt, completion in read_demonstrations(resolve_data_path(config.data),
+                                                  every_turn=config.assistant_turns == "all"):
         fitted = lengths.fit_prompt_response(encode_prompt(tokenizer, prompt), encode_response(tokenizer, completion))
         if fitted is not None and fitted[1]:
             examples.append(fitted)
@@ -102,40 +119,67 @@ def training(config: Config) -> Generator[dict, None, dict]:
     say(f"[sft] {len(examples)} demonstrations ({lengths.truncated} truncated, {lengths.skipped} skipped at "
         f"max_length={config.max_length})")
 
-    # 3. train
+    # 3. train; the whole state is saved every save_every steps and on SIGTERM/SIGINT, and a rerun continues from it
     steps_per_epoch = max(1, len(examples) // config.batch_size)
     total_steps = max(1, round(steps_per_epoch * config.epochs))
     optimizer, schedule = optimizer_and_schedule(model.parameters(), config.lr, config.weight_decay, total_steps,
                                                  int(config.warmup_ratio * total_steps))
-    log = RunLog(out.parent / f"{out.name}_logs")
     rng = random.Random(config.seed)
     order: list[int] = []
+    bad_steps = BadSteps("sft", config.max_bad_steps)
+    state = TrainingState("sft", config, {"model": model_path, "data": resolve_data_path(config.data)}, out)
+    modules = {"model": model}
+    start, extra = state.resume(modules, optimizer, schedule)
+    if extra:
+        rng.setstate(extra["rng"])
+        order[:] = extra["order"]
+        bad_steps.load_state_dict(extra["bad_steps"])
+    last = extra.get("last", {"loss": float("nan")})
+
+    def trainer_values() -> dict:
+        return {"rng": rng.getstate(), "order": list(order), "bad_steps": bad_steps.state_dict(), "last": last}
+
+    log_dir = out.parent / f"{out.name}_logs"
+    trim_metrics(log_dir, start)
+    log = RunLog(log_dir)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(total_steps), desc="sft", unit="step")
-    for step in bar:
-        batch = [examples[i] for i in next_batch(order, len(examples), config.batch_size, rng)]
-        # the loss asks the model to predict the response tokens only: the prompt is context
-        logprobs, response_mask = answer_logprobs(model, batch, tokenizer.pad_token_id, device, bf16)
-        loss, stats = sft_loss(logprobs, response_mask)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm,
-                   "lr": schedule.get_last_lr()[0]}
-        if step % config.log_every == 0 or step == total_steps - 1:
-            row = log.log(step, metrics)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-        yield {"step": step, **metrics, "batch_tokens": sum(len(p) + len(r) for p, r in batch)}
-    log.close()
+    bar = tqdm(range(start, total_steps), desc="sft", unit="step", initial=start, total=total_steps)
+    state.watch_signals()
+    try:
+        for step in bar:
+            batch = [examples[i] for i in next_batch(order, len(examples), config.batch_size, rng)]
+            # the loss asks the model to predict the response tokens only: the prompt is context
+            logprobs, response_mask = answer_logprobs(model, batch, tokenizer.pad_token_id, device, bf16)
+            loss, stats = sft_loss(logprobs, response_mask)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if bad_steps.ok(step, loss=stats["nll"], grad_norm=grad_norm):  # else no update: the weights stay good
+                optimizer.step()
+                schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            metrics = {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm,
+                       "lr": schedule.get_last_lr()[0], "bad_steps": bad_steps.total}
+            if step % config.log_every == 0 or step == total_steps - 1:
+                row = log.log(step, metrics)
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+            last = {"loss": float(stats["nll"])}
+            if state.due(step + 1) and step + 1 < total_steps and not bad_steps.in_a_row:  # the last good one
+                state.save(step + 1, modules, optimizer, schedule, trainer_values())
+            state.stop_if_asked(step + 1, modules, optimizer, schedule, trainer_values())
+            yield {"step": step, **metrics, "batch_tokens": sum(len(p) + len(r) for p, r in batch)}
+    finally:
+        state.release_signals()
+        log.close()
+
+    bad_steps.check_last(total_steps)
 
     # 4. save a Hugging Face folder atomically, with the resolved config beside the weights
-    summary = {"stage": "sft", "steps": total_steps, "final_loss": float(stats["nll"]),
+    summary = {"stage": "sft", "steps": total_steps, "final_loss": last["loss"], "bad_steps": bad_steps.total,
                "examples": len(examples), "truncated": lengths.truncated, "skipped": lengths.skipped,
                "seconds": round(time.time() - started, 1)}
     save_atomic(out, model=merged_for_saving(model), tokenizer=tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
+    state.finished()
     say(f"[sft] saved {out} (loss {summary['final_loss']:.3f}, {summary['seconds']} s)")
     return summary

@@ -9,7 +9,9 @@ One precedence rule, lowest first:
   5. the wiring: the paths that connect the stages (models, data, output folders), which a section may not set.
 
 A stage has finished when its marker (`<run>/stages/<name>.json`, written after it returned) holds the same
-resolved config; a stage that runs makes every later stage of the same road run too.
+resolved config and the same fingerprints of its inputs (every file or folder its config names: data, models,
+upstream checkpoints), and its output folder is still there; otherwise it reruns, saying why, and a stage that runs
+makes every later stage of the same road run too.
 """
 
 from __future__ import annotations
@@ -32,22 +34,52 @@ def stage_config(cls: type, name: str, *, section: dict[str, Any], wiring: dict[
     return cfg.build(cls, {**(defaults or {}), **(shared or {}), **section, **wiring}, where=f"{road} section '{name}'")
 
 
+def input_fingerprints(config: Any) -> dict[str, str]:
+    """The fingerprint (`cfg.fingerprint`) of every file or folder the config names, its output excepted."""
+    found = {}
+    for key, value in cfg.to_dict(config).items():
+        values = value if isinstance(value, list) else [value]
+        for i, item in enumerate(values):
+            if key != "output_dir" and isinstance(item, str) and item and Path(item).exists():
+                found[key if len(values) == 1 else f"{key}[{i}]"] = cfg.fingerprint(item)
+    return found
+
+
+def rerun_reason(done: dict, wanted: dict, inputs: dict[str, str], output: Path | None) -> str | None:
+    """Why a stage that finished earlier must run again (None: it need not)."""
+    if done.get("config") != wanted:
+        keys = sorted(k for k in set(done.get("config", {})) | set(wanted)
+                      if done.get("config", {}).get(k) != wanted.get(k))
+        return f"config changed since the last run ({', '.join(keys)})"
+    if output is not None and not (output.exists() and any(output.iterdir())):
+        return f"its output {output} is missing"
+    before = done.get("inputs", {})
+    changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+    if changed:
+        return f"its input changed ({', '.join(changed)})"
+    return None
+
+
 def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, force: bool = False,
               road: str = "pipeline") -> tuple[Any, bool]:
-    """`run(config)`, unless the marker says this stage finished with this very config (and `force` is off).
-    → (its result, whether it ran). The marker is written atomically after the stage returns."""
+    """`run(config)`, unless the marker says this stage finished with this very config and these very inputs, and
+    its output is still there (and `force` is off). → (its result, whether it ran). The marker is written atomically
+    after the stage returns."""
     marker = markers / f"{name}.json"
     wanted = json.loads(json.dumps(cfg.to_dict(config), default=str))
+    output = Path(config.output_dir) if getattr(config, "output_dir", "") else None
     if not force and marker.is_file():
         done = json.loads(marker.read_text())
-        if done.get("config") == wanted:
+        reason = rerun_reason(done, wanted, input_fingerprints(config), output)
+        if reason is None:
             say(f"[{road}] {name}: finished earlier, skipped ({marker})")
             return done.get("result"), False
-        say(f"[{road}] {name}: config changed since the last run; rerunning it and the stages after it")
+        say(f"[{road}] {name}: {reason}; rerunning it and the stages after it")
     result = run(config)
     markers.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": wanted, "result": result}, indent=2, default=str))
+    tmp.write_text(json.dumps({"config": wanted, "inputs": input_fingerprints(config), "result": result}, indent=2,
+                              default=str))
     tmp.replace(marker)
     return result, True
 

@@ -211,7 +211,7 @@ def test_a_file_with_neither_form_names_the_line_and_the_fields(tiny_model, writ
 
 
 def test_unknown_loss_is_an_error():
-    with pytest.raises(ValueError, match="loss must be one of dpo, ipo, cdpo, simpo; got 'kto'"):
+    with pytest.raises(ValueError, match="'loss' must be one of dpo, ipo, cdpo, simpo, got 'kto'"):
         dpo.main(dpo.Config(loss="kto"))
 
 

@@ -16,9 +16,9 @@ LAYERS = [
     {"losses"},
     # base: settings, logging, text statistics, the machine, data files, plots
     {"config", "tracking", "plots", "detectors", "httpd"},
-    {"hhh", "verifiable", "hardware", "wiring", "annotate.errors"},
+    {"hhh", "verifiable", "hardware", "wiring", "guard", "annotate.errors"},
     {"annotators", "data"},
-    {"metrics", "results", "rewards", "annotate.candidates"},
+    {"metrics", "results", "rewards", "checkpoint", "annotate.candidates"},
     # speed machinery, underneath the models
     {"fast.attention", "fast.casts", "fast.lanes", "fast.compile", "fast.decoder", "fast"},
     # models, sampling, judging, scoring

@@ -64,7 +64,7 @@ def test_without_a_judge_only_the_drift_alarms_remain():
 def run_ppo(model, prompts, out, **overrides):
     config = ppo.Config(policy=str(model), reward_model=str(model), data=str(prompts), output_dir=str(out), steps=3,
                         batch_size=4, mini_batch_size=2, max_new_tokens=8, lr=1e-3, bf16=False, gold=False,
-                        monitor_prompts=str(prompts), **overrides)
+                        monitor_prompts=str(prompts), normalize_reward=False, **overrides)
     ppo.main(config)
     return [json.loads(line) for line in (out.parent / f"{out.name}_logs" / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,11 +1,14 @@
 """The whole tiny pipeline end to end; its checkpoints reload with plain transformers; a rerun skips finished stages."""
 
 import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from rlhf import config as cfg
-from rlhf import pipeline
+from rlhf import pipeline, wiring
 
 
 def tiny_config(run, model):
@@ -51,6 +54,64 @@ def test_tiny_pipeline_end_to_end(tiny_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("finished earlier, skipped") == 6
     assert (run / "sft" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # a deleted checkpoint is not "finished": that stage and the later ones run again, saying why
+    shutil.rmtree(run / "reward")
+    pipeline.main(tiny_config(run, tiny_model))
+    out = capsys.readouterr().out
+    assert out.count("finished earlier, skipped") == 2  # sft and pairs
+    assert f"reward: its output {run / 'reward'} is missing; rerunning it and the stages after it" in out
+    AutoModelForSequenceClassification.from_pretrained(run / "reward")
+
+
+@dataclass
+class Step:
+    data: str
+    output_dir: str
+    lr: float = 1.0
+
+
+def test_an_edited_input_or_a_missing_output_reruns_the_right_stages(tmp_path, capsys):
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    ran = []
+
+    def stage(name):
+        def run(config):
+            ran.append(name)
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(config.output_dir) / "out.txt").write_text(f"{name} {len(ran)}")
+            return {"n": len(ran)}
+        return run
+
+    def road(first_lr=1.0):
+        return {"first": (stage("first"), Step(str(data), str(tmp_path / "first"), first_lr)),
+                "second": (stage("second"), Step(str(tmp_path / "first"), str(tmp_path / "second"))),
+                "third": (stage("third"), Step(str(tmp_path / "extra.txt"), str(tmp_path / "third")))}
+
+    (tmp_path / "extra.txt").write_text("x")
+    wiring.run_road(road(), tmp_path / "stages")
+    assert ran == ["first", "second", "third"]
+    wiring.run_road(road(), tmp_path / "stages")
+    assert ran == ["first", "second", "third"]  # nothing changed: nothing ran
+
+    (tmp_path / "extra.txt").write_text("y")  # the third stage's own input
+    wiring.run_road(road(), tmp_path / "stages")
+    assert ran[3:] == ["third"] and "third: its input changed (data)" in capsys.readouterr().out
+
+    data.write_text('{"prompt": "a", "completion": "c"}\n')  # the first stage's input: all three run
+    wiring.run_road(road(), tmp_path / "stages")
+    assert ran[4:] == ["first", "second", "third"]
+    assert "first: its input changed (data); rerunning it and the stages after it" in capsys.readouterr().out
+
+    shutil.rmtree(tmp_path / "second")
+    wiring.run_road(road(), tmp_path / "stages")
+    assert ran[7:] == ["second", "third"]
+    assert f"second: its output {tmp_path / 'second'} is missing" in capsys.readouterr().out
+
+    wiring.run_road(road(first_lr=2.0), tmp_path / "stages")
+    assert ran[9:] == ["first", "second", "third"]
+    assert "first: config changed since the last run (lr)" in capsys.readouterr().out
 
 
 def test_pipeline_rejects_overriding_its_wiring(tiny_model, tmp_path):

@@ -58,7 +58,7 @@ def test_main_is_training_run_to_the_end(tiny_model, write_jsonl, tmp_path):
                                   batch_size=2, lr=1e-3, bf16=False))
     rows = [json.loads(line) for line in (tmp_path / "sft_logs" / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 2 and [r["step"] for r in rows] == [0, 1]
-    assert set(rows[0]) == {"step", "time", "loss", "tokens", "grad_norm", "lr"}
+    assert set(rows[0]) == {"step", "time", "loss", "tokens", "grad_norm", "lr", "bad_steps"}
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ def run_folder(tiny_model, tmp_path):
     tokenizer = load_tokenizer(tiny_model)
     torch.manual_seed(0)
     save_atomic(run / "reward", model=load_reward_model(tiny_model, torch.device("cpu"), tokenizer),
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, json_files={"rlhf_reward_norm.json": {"mean": 0.0, "std": 1.0}})
     return run
 
 
