@@ -70,7 +70,8 @@ def describe_result(result: dict, names: dict[str, str] | None = None) -> str:
     """The table's caption: what was evaluated and what 'gold' means here."""
     names = names or {}
     judge = result.get("judge", "gold")
-    gold_means = "the simulated annotator without noise" if judge == "gold" else f"the judge {judge}"
+    gold_means = ("the simulated annotator without noise" if judge == "gold" else "no judge" if judge in ("", "none")
+                  else f"the judge {judge}")
     checked = f"; accuracy by {result['checker']}, Δ paired on the same items" if "checker" in result else ""
     return (f"Held-out evaluation on {result['prompts']} prompts (gold = {gold_means}, 95% bootstrap intervals"
             f"{checked}; baseline: {names.get(result['baseline'], result['baseline'])})")

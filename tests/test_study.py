@@ -114,6 +114,8 @@ def test_critic_free_comparison_end_to_end(run_folder, capsys):
                 saved["batch_size"]) == (advantage, group_size, kl_in, aggregation, 4)
         assert (folder / method / "ppo" / "value_head.safetensors").is_file() == (method == "gae")
     assert "Critic-free comparison" in out and "Dr. GRPO" in out and "wall time (min)" in out
+    made = report.main(report.Config(run_dir=str(run_folder)))
+    assert made["images"] == 1 and "critic-free methods" in (run_folder / "report.html").read_text()
 
 
 def test_critic_free_comparison_refuses_what_cannot_be_compared(run_folder):
