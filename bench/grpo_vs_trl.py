@@ -49,7 +49,7 @@ import _isa
 import torch
 
 from rlhf import grpo, losses, ppo
-from rlhf.data import write_jsonl
+from rlhf.data import encode_prompt, write_jsonl
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.verifiable import problems
 
@@ -202,6 +202,10 @@ def speed(model_dir: Path, tmp: Path, steps: int, ours_bf16, trl_bf16: bool, com
                 record["trl"][-1]["answer_tokens"] = self.logs["completions/mean_length"] * BATCH
 
     trainer = trl_trainer(model_dir, tmp / "speed_trl", steps + 1, trl_bf16, callbacks=[Alternate()])
+    tokenizer, first = load_tokenizer(model_dir), prompt_rows(1)[0]["prompt"]
+    theirs_ids = [int(i) for i in trainer._tokenize_prompts([common.templated_prompt(tokenizer, first)])[0][0]]
+    same_ids = theirs_ids == encode_prompt(tokenizer, common.messages(first))
+    print(f"prompt token ids identical on both sides: {same_ids}")
     trainer.train()
     ours.close()
     result = {}
@@ -213,6 +217,7 @@ def speed(model_dir: Path, tmp: Path, steps: int, ours_bf16, trl_bf16: bool, com
                         "answer_tokens_per_step": statistics.mean(tokens) if tokens else None,
                         "seconds": [round(r["seconds"], 2) for r in rows]}
     result["speedup"] = result["trl"]["s_per_step"] / result["ours"]["s_per_step"]
+    result["same_prompt_ids"] = same_ids
     return result
 
 
