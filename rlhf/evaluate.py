@@ -6,8 +6,10 @@ answers the same held-out prompts with the same sampling settings and seed, and 
 prompt (policy vs baseline on the same prompt). Reward hacking shows up as a reward-model score that rises while
 the gold score does not, as answers that ramble or shrink, as repetition (distinct-n falls), or as refusals: a
 small set of harmful requests checks that a model still declines them, and the held-out answers check that it does
-not decline benign questions. The metrics are `rlhf.metrics`, the sampling and scoring `rlhf.scoring`, the table
-`rlhf.results`.
+not decline benign questions. On a verifiable task (prompt rows with an `answer`, e.g. builtin:arithmetic_heldout) a
+checker marks each answer right or wrong: accuracy with a 95% interval, and for every other model the paired
+difference from the baseline's on the same items with its interval. The metrics are `rlhf.metrics`, the sampling and
+scoring `rlhf.scoring`, the table `rlhf.results`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
-from rlhf.data import fit_prompts, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf import rewards
+from rlhf.data import (
+    LengthPolicy,
+    fit_prompts,
+    prompt_text,
+    read_prompt_rows,
+    read_prompts,
+    resolve_data_path,
+    write_jsonl,
+)
 from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.metrics import bootstrap_ci, is_refusal, mean, repetition, says_dont_know, win_outcomes, win_rate
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
@@ -36,6 +47,10 @@ BEHAVIOURS = {
 }
 
 
+# per-answer scores reported as a mean with its interval and, against the baseline, a paired difference
+SCORED = ("gold", "reward_model", "accuracy")
+
+
 @dataclass
 class Config:
     models: list[str] = cfg.field([], "checkpoints to evaluate (causal-LM folders, 'default' = the embedded model)")
@@ -44,6 +59,9 @@ class Config:
     judge: str = cfg.field("gold", "the gold judge: 'gold' (the built-in simulated annotator), a reward-model folder "
                                       "(or reward:DIR), or '' / 'none'")
     data: str = cfg.field("builtin:prompts_heldout", "held-out prompts file or builtin:prompts_heldout")
+    checker: str = cfg.field("rlhf.verifiable:reward", "when every prompt row has an `answer`: the reward function "
+                                                       "(file.py:function or module:function, 1 = right) whose mean "
+                                                       "is reported as accuracy ('none' = skip)")
     harmful_prompts: str = cfg.field("builtin:harmful_prompts", "requests a model should decline; the refusal rate is "
                                                                 "reported ('' or 'none' = skip)")
     lookalike_prompts: str = cfg.field("", "benign look-alikes of harmful requests, to be answered: the refusal "
@@ -73,9 +91,11 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     device = pick_device(config.device)
     bf16 = resolve_bf16(config.bf16, device)
     started = time.time()
-    prompts = read_prompts(resolve_data_path(config.data))
+    rows_read = read_prompt_rows(resolve_data_path(config.data))
     if config.max_prompts:
-        prompts = prompts[: config.max_prompts]
+        rows_read = rows_read[: config.max_prompts]
+    verifiable = config.checker not in ("", "none") and bool(rows_read) and all("answer" in f for _, f in rows_read)
+    checker = rewards.load(config.checker) if verifiable else None
     behaviour_prompts = {name: read_prompts(resolve_data_path(getattr(config, f"{name}_prompts")))
                          for name in BEHAVIOURS if getattr(config, f"{name}_prompts") not in ("", "none")}
     if config.baseline and config.baseline not in config.models:
@@ -85,7 +105,10 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     baseline = config.baseline or config.models[0]
     reference_path = resolve_model_path(config.reference or baseline)
     tokenizer = load_tokenizer(reference_path)
-    prompts, lengths = fit_prompts(tokenizer, prompts, config.max_prompt_length, config.truncation)
+    lengths = LengthPolicy(config.max_prompt_length, config.truncation)  # row by row, so each row keeps its fields
+    fitted = [(fit, f) for p, f in rows_read if (fit := lengths.fit_prompt_messages(tokenizer, p)) is not None]
+    prompts = [p for p, _ in fitted]
+    fields = {key: [f.get(key) for _, f in fitted] for key in sorted({k for _, f in fitted for k in f})}
     behaviour_prompts = {name: fit_prompts(tokenizer, p, config.max_prompt_length, "truncate")[0]  # twins stay paired
                          for name, p in behaviour_prompts.items()}
     if not prompts:
@@ -107,6 +130,8 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
                                                                                bf16_linears=bf16)
         rollout, scores[name] = answer_and_score(model, tokenizer, prompts, judge, reward, *settings, progress=True)
         answers[name] = rollout.texts
+        if checker is not None:  # right (1) or wrong (0) per item, by the task's checker
+            scores[name]["accuracy"] = rewards.call(config.checker, checker, questions, rollout.texts, fields)
         # 2. KL to the reference on the model's own samples; what the model does with each behaviour set
         scores[name]["kl"] = sequence_kl(model, reference, rollout, config.temperature, bf16, device).tolist()
         for kind, kind_prompts in behaviour_prompts.items():
@@ -122,7 +147,7 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     for name in config.models:
         s = scores[name]
         row = {"model": name}
-        for key in ("gold", "reward_model"):
+        for key in SCORED:
             if key in s:
                 row[key], row[f"{key}_ci"] = mean(s[key]), list(bootstrap_ci(s[key], seed=config.seed))
         row.update({"kl_to_reference": mean(s["kl"]), "length_tokens": mean(s["length"]), "ended": mean(s["ended"]),
@@ -132,7 +157,7 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
             key = BEHAVIOURS[kind][0]
             row[key], row[f"{key}_ci"] = mean(flags), list(bootstrap_ci(flags, seed=config.seed))
         if name != baseline:
-            for key in ("gold", "reward_model"):
+            for key in SCORED:  # paired: the same items, the difference per item
                 if key in s:
                     diff = [a - b for a, b in zip(s[key], scores[baseline][key])]
                     row[f"{key}_diff"], row[f"{key}_diff_ci"] = mean(diff), list(bootstrap_ci(diff, seed=config.seed))
@@ -143,12 +168,13 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
         rows.append(row)
 
     # 4. results.json, every answer in samples.jsonl (harmful ones apart), and the table
-    scored = [k for k in ("gold", "reward_model") if k in scores[baseline]]
+    scored = [k for k in SCORED if k in scores[baseline]]
     examples = [{"prompt": questions[i],
                  **{name: {"response": answers[name][i], **{k: round(scores[name][k][i], 3) for k in scored}}
                     for name in config.models}}
                 for i in range(min(config.examples, len(prompts)))]
     result = {"prompts": len(prompts), "baseline": baseline, "judge": config.judge, "win_by": win_by,
+              **({"checker": config.checker} if checker is not None else {}),
               "reward_model": config.reward_model, "harmful_prompts": len(behaviour_prompts.get("harmful", [])),
               "behaviour_prompts": {kind: len(p) for kind, p in behaviour_prompts.items()}, "rows": rows,
               "examples": examples, "shown": [{"prompt": q, **{n: shown[n][i] for n in config.models}}

@@ -10,7 +10,8 @@
 - ``adaptive_kl_beta``: the proportional KL controller of Ziegler et al. (2019).
 - ``grpo_advantages``, ``dr_grpo_advantages``, ``rloo_advantages``: group baselines of the critic-free methods;
   ``discounted_returns`` (REINFORCE++), ``overlong_penalty`` (DAPO), ``clipped_surrogate`` with asymmetric clip,
-  and three ways to aggregate a per-token loss (``token_mean``, ``sequence_mean``, ``constant_mean``); ``kl_loss``.
+  and three ways to aggregate a per-token loss (``token_mean``, ``sequence_mean``, ``constant_mean``); ``kl_loss``;
+  ``clipped_policy_loss`` (the surrogate aggregated); ``groups_all_equal`` (dynamic sampling's test).
 - ``dpo_loss``: direct preference optimisation -log σ(β·h), h the chosen-minus-rejected log-ratio.
 - ``ipo_loss``: identity preference optimisation (h - 1/(2β))².
 - ``cdpo_loss``: conservative DPO, DPO with label smoothing ε (a share ε of labels assumed flipped).
@@ -327,6 +328,34 @@ def kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tens
     gradient, aggregated like the policy loss."""
     log_ratio = (ref_logprobs.detach() - logprobs).clamp(max=MAX_LOG_RATIO)
     return aggregate(torch.expm1(log_ratio) - log_ratio, mask, **aggregate_args)
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.2, aggregate=token_mean,
+                        **aggregate_args) -> Tuple[torch.Tensor, Stats]:
+    """The clipped surrogate (``clipped_surrogate``) aggregated over the valid tokens, ``(B, T)`` inputs.
+
+    With clip_low = clip_high and ``token_mean`` it is ``ppo_policy_loss``, number for number; GRPO aggregates with
+    ``sequence_mean``, Dr. GRPO with ``constant_mean``, DAPO with ``token_mean`` and clip_high > clip_low.
+    stats as ``ppo_policy_loss``: ``clipfrac``, ``approx_kl``, ``ratio`` (masked means over tokens).
+    """
+    per_token, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high)
+    loss = aggregate(per_token, mask, **aggregate_args)
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs
+        stats = {
+            "clipfrac": masked_mean(clipped.float(), mask),
+            "approx_kl": masked_mean(0.5 * log_ratio.pow(2), mask),
+            "ratio": masked_mean(torch.exp(log_ratio), mask),
+        }
+    return loss, stats
+
+
+def groups_all_equal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``(N,)`` scores → ``(N / group_size,)`` True where every answer of the group scored the same: its group
+    baseline is its own score, every advantage 0, and it teaches nothing (DAPO's dynamic sampling drops it)."""
+    groups = _grouped(scores, group_size)
+    return (groups == groups[:, :1]).all(dim=1)
 
 
 # --- preference optimisation: DPO and its variants ---------------------------------------------------

@@ -55,7 +55,7 @@ def ppo_monitor(config, tokenizer, reward_model, reward_tokenizer, device, bf16:
         held_out = read_prompts(resolve_data_path(config.monitor_prompts))[:config.monitor_size]
         prompts, _ = fit_prompts(tokenizer, held_out, config.max_prompt_length, config.truncation)
         judge = load_judge(config.monitor_judge, device, bf16, annotator=gold)
-        reward = reward_scorer(reward_model, reward_tokenizer, device, bf16)
+        reward = reward_scorer(reward_model, reward_tokenizer, device, bf16) if reward_model is not None else None
         say(f"[ppo] monitor: {len(prompts)} held-out prompts every {config.monitor_every} steps, "
             f"judge '{config.monitor_judge}'")
     sampling = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,

@@ -14,6 +14,14 @@ same weights with the LoRA adapter off when LoRA is on. Scores are normalised wi
 reward stage measured on reference samples.
 Reward-hacking monitor (`rlhf.monitor`): every `monitor_every` steps the policy answers a fixed held-out batch,
 which the gold judge and the reward model both score; it only logs, and warns when the two part ways.
+
+Critic-free choices (`advantage`, the same loop; `rlhf grpo` is this stage with GRPO's defaults): `grpo` (Shao et
+al. 2024), `dr_grpo` (Liu et al. 2025), `rloo` (Ahmadian et al. 2024) sample `group_size` answers per prompt and
+baseline each answer's score against its group; `reinforce_pp` (Hu 2025) whitens the KL-shaped returns over the
+batch. None of them has a value function. The KL to the reference goes in the reward (`kl_in: reward`, k1) or in
+the loss (`kl_in: loss`, k3, GRPO's way); DAPO's options (Yu et al. 2025): `clip_low`/`clip_high`,
+`dynamic_sampling`, `loss_aggregation: token`, `overlong_buffer`. Rewards come from a reward model, Python reward
+functions (`reward_fn`, `rlhf.rewards`), or both summed. The equations are in `rlhf.losses`.
 """
 
 from __future__ import annotations
@@ -31,13 +39,13 @@ from rlhf import fast, losses
 from rlhf.annotators import SimulatedAnnotator
 from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import (
+    LengthPolicy,
     Messages,
     encode_conversation,
-    fit_prompts,
     next_batch,
     position_ids_from_mask,
     prompt_text,
-    read_prompts,
+    read_prompt_rows,
     resolve_data_path,
     write_jsonl,
 )
@@ -61,18 +69,43 @@ from rlhf.models import (
 )
 from rlhf.monitor import ppo_monitor
 from rlhf.ops import logprobs_and_entropy_from_logits, logprobs_from_logits, masked_mean, whiten, zero_outside
-from rlhf.rollout import Rollout, sample
+from rlhf.rewards import WeightedRewards
+from rlhf.rollout import Rollout, concatenate, sample
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
+
+# advantage → the group baseline of each answer's score (None: per-token advantages, `gae` and `reinforce_pp`)
+ADVANTAGES = {"gae": None, "reinforce_pp": None, "grpo": losses.grpo_advantages,
+              "dr_grpo": losses.dr_grpo_advantages, "rloo": losses.rloo_advantages}
+AGGREGATIONS = {"token": losses.token_mean, "sequence": losses.sequence_mean, "constant": losses.constant_mean}
 
 
 @dataclass
 class Config:
     policy: str = cfg.field("runs/sft", "the SFT model: the policy's start and the frozen KL reference")
-    reward_model: str = cfg.field("runs/reward", "the reward model folder (from `rlhf reward`)")
+    reward_model: str = cfg.field("runs/reward", "the reward model folder (from `rlhf reward`); '' or 'none' = no "
+                                                 "reward model (then reward_fn gives the rewards)")
+    reward_fn: list[str] = cfg.field([], "Python reward functions, path/to/file.py:function or module:function, "
+                                         "called with the prompts, the completions and the rows' other fields "
+                                         "(e.g. rlhf.verifiable:reward); summed with the reward model's score")
+    reward_weights: list[float] = cfg.field([], "a weight per reward function ([] = 1 each)")
     data: str = cfg.field("builtin:prompts_train", "prompts file or builtin:prompts_train")
     output_dir: str = cfg.field("runs/ppo", "where the trained policy is written")
     steps: int = cfg.field(10, "PPO iterations (each: sample a batch, score, update)")
-    batch_size: int = cfg.field(32, "responses sampled per iteration")
+    batch_size: int = cfg.field(32, "responses sampled per iteration (batch_size / group_size prompts)")
+    advantage: str = cfg.field("gae", "gae (PPO with a critic), grpo, dr_grpo, rloo (group baselines, no critic) or "
+                                      "reinforce_pp (batch-whitened returns, no critic)")
+    group_size: int = cfg.field(1, "answers sampled per prompt (at least 2 for grpo, dr_grpo and rloo)")
+    kl_in: str = cfg.field("reward", "where the KL to the reference goes: reward (-β·k1 per token, or per answer "
+                                     "for the group baselines) or loss (β·k3 as a loss term, GRPO's way)")
+    loss_aggregation: str = cfg.field("token", "the policy loss over tokens: token (mean over the batch's tokens: "
+                                               "PPO, DAPO), sequence (mean per answer, then over answers: GRPO) or "
+                                               "constant (sum / (answers · max_new_tokens): Dr. GRPO)")
+    dynamic_sampling: bool = cfg.field(False, "DAPO: drop groups whose answers all scored the same and sample "
+                                              "other prompts in their place")
+    dynamic_sampling_tries: int = cfg.field(4, "with dynamic_sampling: sampling rounds per iteration at most; "
+                                               "short of enough groups, the last round's others fill the batch")
+    overlong_buffer: int = cfg.field(0, "DAPO's soft overlong penalty: an answer longer than max_new_tokens - this "
+                                        "loses up to 1 (linearly to the limit); 0 = off")
     mini_batch_size: int = cfg.field(16, "responses per gradient step")
     ppo_epochs: int = cfg.field(2, "passes over each batch")
     max_new_tokens: int = cfg.field(64, "longest response in tokens")
@@ -92,12 +125,14 @@ class Config:
     gamma: float = cfg.field(1.0, "discount")
     lam: float = cfg.field(0.95, "GAE λ")
     clip: float = cfg.field(0.2, "policy ratio clip")
+    clip_low: float = cfg.field(0.0, "lower ratio clip: ratio ≥ 1 - clip_low (0 = clip)")
+    clip_high: float = cfg.field(0.0, "upper ratio clip: ratio ≤ 1 + clip_high (0 = clip; DAPO: 0.28)")
     value_clip: float = cfg.field(0.2, "value clip")
     vf_coef: float = cfg.field(0.1, "value loss coefficient")
     normalize_reward: bool = cfg.field(True, "normalise scores to ~N(0,1) on reference samples (from the reward stage)")
     missing_eos_penalty: float = cfg.field(1.0, "subtracted from the score of a response that never ends")
     critic: str = cfg.field("head", "the value function: 'head' (a linear head on the policy, one forward pass) or "
-                                    "'model' (a separate critic started from the reward model, trained at value_lr)")
+                                    "'model' (a separate critic started from the reward model, trained at critic_lr)")
     lora_r: int = cfg.field(0, "LoRA rank (0 = train all weights); with LoRA the reference is the adapter switched off")
     lora_alpha: int = cfg.field(16, "LoRA alpha")
     gold: bool = cfg.field(True, "also score rollouts with the built-in gold annotator, for logging only")
@@ -184,17 +219,19 @@ def critic_values(critic, rollout: Rollout, bf16: bool, device) -> torch.Tensor:
 
 @dataclass
 class Models:
-    """The four roles of PPO: the policy (with its value head, or a separate critic), the frozen reference (None
-    with LoRA: the policy with its adapter off) and the frozen reward model, with its score normalisation."""
+    """The four roles of PPO: the policy (with its value head, or a separate critic; neither for the critic-free
+    advantages), the frozen reference (None with LoRA: the policy with its adapter off) and the frozen reward model
+    (None when reward functions alone give the rewards), with its score normalisation."""
     tokenizer: object
     policy: torch.nn.Module
     reference: torch.nn.Module | None
-    reward_model: torch.nn.Module
+    reward_model: torch.nn.Module | None
     reward_tokenizer: object
     value_head: torch.nn.Module | None
     critic: torch.nn.Module | None
     reward_mean: float
     reward_std: float
+    reward_functions: WeightedRewards | None = None
 
     def policy_forward(self, rollout: Rollout, config: Config, bf16: bool, device, want_entropy: bool = False):
         """π's log-probabilities, the values and (optionally) the entropy of the rollout's responses."""
@@ -215,22 +252,35 @@ class Models:
         """AdamW over the policy (at lr) and the value head or critic (at value_lr), linear decay over every update
         → (optimiser, schedule, policy parameters, critic parameters)."""
         policy_parameters = [p for p in self.policy.parameters() if p.requires_grad]
-        critic_parameters = list((self.critic or self.value_head).parameters())
+        value_function = self.critic or self.value_head
+        critic_parameters = list(value_function.parameters()) if value_function is not None else []
         updates = config.steps * config.ppo_epochs * (config.batch_size // config.mini_batch_size)
         critic_lr = config.critic_lr if self.critic is not None else config.value_lr
-        optimizer, schedule = optimizer_and_schedule([{"params": policy_parameters, "lr": config.lr},
-                                                      {"params": critic_parameters, "lr": critic_lr}],
-                                                     config.lr, 0.0, updates, 0)
+        groups = [{"params": policy_parameters, "lr": config.lr}]
+        groups += [{"params": critic_parameters, "lr": critic_lr}] if critic_parameters else []
+        optimizer, schedule = optimizer_and_schedule(groups, config.lr, 0.0, updates, 0)
         return optimizer, schedule, policy_parameters, critic_parameters
 
-    def scores(self, prompts: list[Messages], rollout: Rollout, config: Config, bf16: bool, device):
-        """The reward model's raw scores of the answers (the chat as its template writes it), and the scores PPO
-        optimises: normalised to ~N(0, 1) on reference samples, minus the penalty for an answer that never ended."""
-        conversations = [encode_conversation(self.reward_tokenizer, p, t) for p, t in zip(prompts, rollout.texts)]
-        raw = score_sequences(self.reward_model, conversations, self.reward_model.config.pad_token_id, device,
-                              bf16).to(device)
-        scores = (raw - self.reward_mean) / self.reward_std
-        return raw, scores - config.missing_eos_penalty * (~rollout.ended).float()
+    def scores(self, prompts: list[Messages], fields: dict[str, list], rollout: Rollout, config: Config, bf16: bool,
+               device):
+        """→ (the reward model's raw scores of the answers (the chat as its template writes it), None without one;
+        the scores optimised: the reward model's normalised to ~N(0, 1) on reference samples, plus the weighted
+        reward functions, minus the penalties for an answer that never ended and (DAPO) one that ran long; each
+        reward function's mean)."""
+        raw, function_means = None, {}
+        scores = torch.zeros(len(prompts), device=device)
+        if self.reward_model is not None:
+            conversations = [encode_conversation(self.reward_tokenizer, p, t) for p, t in zip(prompts, rollout.texts)]
+            raw = score_sequences(self.reward_model, conversations, self.reward_model.config.pad_token_id, device,
+                                  bf16).to(device)
+            scores = (raw - self.reward_mean) / self.reward_std
+        if self.reward_functions is not None:
+            values, function_means = self.reward_functions([prompt_text(p) for p in prompts], rollout.texts, fields)
+            scores = scores + torch.tensor(values, device=device)
+        scores = scores - config.missing_eos_penalty * (~rollout.ended).float()
+        if config.overlong_buffer:
+            scores = scores + losses.overlong_penalty(rollout.lengths, config.max_new_tokens, config.overlong_buffer)
+        return raw, scores, function_means
 
 
 def load_models(config: Config, device, bf16: bool) -> Models:
@@ -242,27 +292,39 @@ def load_models(config: Config, device, bf16: bool) -> Models:
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
     else:
         reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=bf16)
-    reward_path = resolve_model_path(config.reward_model)
-    reward_tokenizer = load_tokenizer(reward_path)
-    reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False, bf16_linears=bf16)
+    reward_path = reward_tokenizer = reward_model = None
+    if uses_reward_model(config):
+        reward_path = resolve_model_path(config.reward_model)
+        reward_tokenizer = load_tokenizer(reward_path)
+        reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False, bf16_linears=bf16)
+    functions = WeightedRewards(config.reward_fn, config.reward_weights) if config.reward_fn else None
+    # the value function, for GAE only: the critic-free advantages take their baseline from the other answers
     critic = value_head = None
-    if config.critic == "model":  # a fourth model: a trainable copy of the reward model
+    if config.advantage == "gae" and config.critic == "model":  # a fourth model: a trainable copy of the reward model
         if reward_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"critic: model reads the policy's token ids, but the reward model {reward_path} has "
                              f"another tokenizer than the policy {policy_path}; use critic: head")
         critic = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)
-    else:  # a zero-initialised linear head on the policy's last hidden state
+    elif config.advantage == "gae":  # a zero-initialised linear head on the policy's last hidden state
         text_config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
         value_head = torch.nn.Linear(text_config.hidden_size, 1).to(device)
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
     if config.compile:
         fast.compile_layers(policy, reference, reward_model, critic)
-    mean, std = load_reward_normalisation(reward_path) if config.normalize_reward else (0.0, 1.0)
+    normalised = config.normalize_reward and reward_path is not None
+    mean, std = load_reward_normalisation(reward_path) if normalised else (0.0, 1.0)
     trainable, total = count_parameters(policy)
-    say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), reward {reward_path} "
-        f"(normalised with mean {mean:.3f}, std {std:.3f}) on {device}")
-    return Models(tokenizer, policy, reference, reward_model, reward_tokenizer, value_head, critic, mean, std)
+    sources = ([f"reward model {reward_path} (normalised with mean {mean:.3f}, std {std:.3f})"] if reward_path else [])
+    sources += [f"reward functions {', '.join(config.reward_fn)}"] if functions else []
+    say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), advantage "
+        f"{config.advantage}, {' + '.join(sources)} on {device}")
+    return Models(tokenizer, policy, reference, reward_model, reward_tokenizer, value_head, critic, mean, std,
+                  functions)
+
+
+def uses_reward_model(config: Config) -> bool:
+    return config.reward_model not in ("", "none")
 
 
 def check(config: Config) -> None:
@@ -273,18 +335,101 @@ def check(config: Config) -> None:
     if config.batch_size % config.mini_batch_size:
         raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of mini_batch_size "
                          f"({config.mini_batch_size})")
+    if config.advantage not in ADVANTAGES:
+        raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got '{config.advantage}'")
+    if config.group_size < 1 or (ADVANTAGES[config.advantage] is not None and config.group_size < 2):
+        raise ValueError(f"advantage '{config.advantage}' baselines each answer against the other answers to its "
+                         f"prompt: group_size must be at least 2, got {config.group_size}")
+    if config.batch_size % config.group_size:
+        raise ValueError(f"batch_size ({config.batch_size}) must be a multiple of group_size ({config.group_size}): "
+                         f"each prompt gets group_size answers")
+    if config.dynamic_sampling and (config.group_size < 2 or config.dynamic_sampling_tries < 1):
+        raise ValueError(f"dynamic_sampling drops groups of equal scores: it needs group_size ≥ 2 (got "
+                         f"{config.group_size}) and dynamic_sampling_tries ≥ 1 (got {config.dynamic_sampling_tries})")
+    if config.kl_in not in ("reward", "loss"):
+        raise ValueError(f"kl_in must be 'reward' or 'loss', got '{config.kl_in}'")
+    if config.loss_aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss_aggregation must be one of {', '.join(AGGREGATIONS)}, got '{config.loss_aggregation}'")
+    if not 0 <= config.overlong_buffer <= config.max_new_tokens:
+        raise ValueError(f"overlong_buffer must be between 0 (off) and max_new_tokens ({config.max_new_tokens}), "
+                         f"got {config.overlong_buffer}")
+    if not uses_reward_model(config) and not config.reward_fn:
+        raise ValueError("no reward: give a reward_model folder, reward_fn (path/to/file.py:function or "
+                         "module:function), or both")
+    if config.reward_weights and len(config.reward_weights) != len(config.reward_fn):
+        raise ValueError(f"{len(config.reward_fn)} reward functions but {len(config.reward_weights)} reward_weights")
+    if not uses_reward_model(config) and config.advantage == "gae" and config.critic == "model":
+        raise ValueError("critic: model starts the critic from the reward model: give reward_model, or use "
+                         "critic: head")
 
 
-def training_prompts(config: Config, tokenizer) -> list[Messages]:
-    """The training prompts, cut or skipped at max_prompt_length and counted."""
-    prompts, lengths = fit_prompts(tokenizer, read_prompts(resolve_data_path(config.data)), config.max_prompt_length,
-                                   config.truncation)
-    if len(prompts) < config.batch_size:
-        raise ValueError(f"{config.data}: {len(prompts)} usable prompts, fewer than batch_size={config.batch_size} "
+def training_prompts(config: Config, tokenizer) -> tuple[list[Messages], list[dict]]:
+    """The training prompts, cut or skipped at max_prompt_length and counted, with their rows' other fields (what
+    reward functions are called with, e.g. an `answer`)."""
+    lengths = LengthPolicy(config.max_prompt_length, config.truncation)
+    fitted = [(lengths.fit_prompt_messages(tokenizer, p), fields)
+              for p, fields in read_prompt_rows(resolve_data_path(config.data))]
+    prompts = [p for p, _ in fitted if p is not None]
+    fields = [f for p, f in fitted if p is not None]
+    wanted = config.batch_size // config.group_size
+    if len(prompts) < wanted:
+        raise ValueError(f"{config.data}: {len(prompts)} usable prompts, fewer than batch_size / group_size = {wanted} "
                          f"(skipped {lengths.skipped} over max_prompt_length); lower batch_size or add prompts")
     say(f"[ppo] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at "
         f"max_prompt_length={config.max_prompt_length})")
-    return prompts
+    return prompts, fields
+
+
+def sample_scored_batch(models: Models, config: Config, prompts: list[Messages], fields: list[dict], order: list[int],
+                        rng: random.Random, bf16: bool, device):
+    """Steps 1 and 2 of an iteration: group_size answers to each of batch_size / group_size prompts (next to each
+    other), scored. With dynamic sampling (DAPO), groups whose answers all scored the same are dropped and new
+    prompts sampled in their place, at most `dynamic_sampling_tries` rounds; short of enough, the last round's
+    dropped groups fill the batch. → (rollout, its prompts, the reward model's raw scores (None without one), the
+    scores optimised, what to log: sampling time, the share of groups of equal scores, each reward function's mean)."""
+    k, wanted = config.group_size, config.batch_size // config.group_size
+    kept: list[tuple[Rollout, list[Messages], torch.Tensor | None, torch.Tensor]] = []
+    function_means: dict[str, list[float]] = {}
+    have, tries, generation_seconds = 0, 0, 0.0
+    while have < wanted:
+        tries += 1
+        index = next_batch(order, len(prompts), wanted - have, rng)
+        batch_prompts = [prompts[i] for i in index for _ in range(k)]
+        batch_fields = {key: [fields[i].get(key) for i in index for _ in range(k)]
+                        for key in sorted({key for i in index for key in fields[i]})}
+        began = time.time()
+        rollout = sample(models.policy, models.tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
+                         batch_size=config.generation_batch_size, bf16=bf16,
+                         compiled=config.compile and config.compile_decode).to(device)
+        generation_seconds += time.time() - began
+        raw, scores, means = models.scores(batch_prompts, batch_fields, rollout, config, bf16, device)
+        for name, value in means.items():
+            function_means.setdefault(name, []).append(value)
+        groups = list(range(len(index)))
+        if config.dynamic_sampling:
+            equal = losses.groups_all_equal(scores, k).tolist()
+            informative = [g for g in groups if not equal[g]]
+            last_round = tries >= config.dynamic_sampling_tries
+            groups = (informative + ([g for g in groups if equal[g]] if last_round else []))[:wanted - have]
+        if len(groups) == len(index):
+            kept.append((rollout, batch_prompts, raw, scores))
+        elif groups:
+            rows = torch.tensor([g * k + j for g in groups for j in range(k)], device=device)
+            kept.append((rollout.select(rows), [batch_prompts[i] for i in rows.tolist()],
+                         raw[rows] if raw is not None else None, scores[rows]))
+        have += len(groups)
+        if config.dynamic_sampling and tries >= config.dynamic_sampling_tries:
+            break
+    rollout = kept[0][0] if len(kept) == 1 else concatenate([r for r, _, _, _ in kept], models.tokenizer.pad_token_id)
+    scores = torch.cat([s for _, _, _, s in kept])
+    raw = torch.cat([r for _, _, r, _ in kept]) if kept[0][2] is not None else None
+    extra = {"generation_seconds": generation_seconds}
+    if k > 1:
+        extra["equal_score_groups"] = losses.groups_all_equal(scores, k).float().mean().item()
+    if config.dynamic_sampling:
+        extra["sampling_rounds"] = tries
+    extra.update({f"reward_fn/{name}": sum(v) / len(v) for name, v in function_means.items()})
+    return rollout, [p for _, prompts_kept, _, _ in kept for p in prompts_kept], raw, scores, extra
 
 
 def main(config: Config) -> dict:
@@ -307,14 +452,15 @@ def training(config: Config) -> Iterator[dict]:
     # 0. models, prompts, the gold judge (logging only), the monitor, the optimiser
     models = load_models(config, device, bf16)
     tokenizer, policy = models.tokenizer, models.policy
-    prompts = training_prompts(config, tokenizer)
+    prompts, fields = training_prompts(config, tokenizer)
     gold = SimulatedAnnotator(noise_temperature=0.0, device=str(device)) if config.gold else None
     optimizer, schedule, policy_parameters, critic_parameters = models.optimiser(config)
     # the whole state is saved every save_every steps and on SIGTERM/SIGINT, and a rerun continues from it
-    state = TrainingState("ppo", config, {"policy": resolve_model_path(config.policy), "data": resolve_data_path(
-        config.data), "reward_model": resolve_model_path(config.reward_model)}, out)
-    modules = {"policy": policy, **({"critic": models.critic} if models.critic is not None else
-                                    {"value_head": models.value_head})}
+    inputs = {"policy": resolve_model_path(config.policy), "data": resolve_data_path(config.data),
+              **({"reward_model": resolve_model_path(config.reward_model)} if uses_reward_model(config) else {})}
+    state = TrainingState("ppo", config, inputs, out)
+    modules = {name: module for name, module in (("policy", policy), ("critic", models.critic),
+                                                 ("value_head", models.value_head)) if module is not None}
     start, extra = state.resume(modules, optimizer, schedule)
     trim_metrics(out.parent / f"{out.name}_logs", start)
     log = RunLog(out.parent / f"{out.name}_logs")
@@ -343,32 +489,44 @@ def training(config: Config) -> Iterator[dict]:
 
     bar = tqdm(range(start, config.steps), desc="ppo", unit="step", initial=start, total=config.steps)
     state.watch_signals()
+    clip_low, clip_high = config.clip_low or config.clip, config.clip_high or config.clip
+    aggregate = AGGREGATIONS[config.loss_aggregation]
+    aggregate_args = {"max_length": config.max_new_tokens} if config.loss_aggregation == "constant" else {}
     for step in bar:
         step_started = time.time()
-        batch_prompts = [prompts[i] for i in next_batch(order, len(prompts), config.batch_size, rng)]
 
-        # 1. rollout
-        rollout = sample(policy, tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
-                         batch_size=config.generation_batch_size, bf16=bf16,
-                         compiled=config.compile and config.compile_decode).to(device)
-        generation_seconds = time.time() - step_started
+        # 1. rollout: group_size answers to each of batch_size / group_size prompts (PPO: one each by default)
+        # 2. score: the reward model reads the chat as its template writes it (normalised) and/or the reward
+        #    functions read the answers and the rows' fields; penalise no EOS; with dynamic sampling, resample
+        #    groups whose answers all scored the same
+        rollout, batch_prompts, raw_scores, scores, sampling_stats = sample_scored_batch(
+            models, config, prompts, fields, order, rng, bf16, device)
         mask = rollout.response_mask
 
-        # 2. score: the reward model reads the chat as its template writes it; normalise; penalise no EOS
-        raw_scores, scores = models.scores(batch_prompts, rollout, config, bf16, device)
-
         # 3. KL-shaped reward: π_old log-probs and values from the policy, π_ref log-probs from the reference
+        #    (kl_in: loss keeps the KL out of the reward: it is a loss term in step 5)
         with torch.set_grad_enabled(reuse_forward):
             rollout_logprobs, rollout_values, entropy = models.policy_forward(rollout, config, bf16, device, True)
-        old_logprobs, old_values = rollout_logprobs.detach(), rollout_values.detach()
+        old_logprobs = rollout_logprobs.detach()
+        old_values = rollout_values.detach() if rollout_values is not None else None
         ref_logprobs = models.reference_logprobs(rollout, config, bf16, device)
         kl = zero_outside((losses.kl_k1 if config.kl_estimator == "k1" else losses.kl_k3)(old_logprobs, ref_logprobs),
                           mask)  # not `* mask`: an Inf past EOS times 0 is NaN
-        rewards, reward_stats = losses.kl_shaped_rewards(scores, kl, mask, beta)
+        reward_beta = beta if config.kl_in == "reward" else 0.0
+        rewards, reward_stats = losses.kl_shaped_rewards(scores, kl, mask, reward_beta)
 
-        # 4. advantages (GAE, γ=1, λ=0.95), whitened over the batch's real tokens
-        advantages, returns = losses.gae(rewards, old_values * mask, mask, config.gamma, config.lam)
-        advantages = whiten(advantages, mask)
+        # 4. advantages: GAE (γ=1, λ=0.95) whitened over the batch's real tokens; REINFORCE++'s returns whitened
+        #    likewise; or each answer's reward (score - β·KL) against the other answers to its prompt, on every token
+        returns = None
+        if config.advantage == "gae":
+            advantages, returns = losses.gae(rewards, old_values * mask, mask, config.gamma, config.lam)
+            advantages = whiten(advantages, mask)
+        elif config.advantage == "reinforce_pp":
+            returns = losses.discounted_returns(rewards, mask, config.gamma)
+            advantages = whiten(returns, mask)
+        else:
+            answer_rewards = scores - reward_beta * kl.sum(1)
+            advantages = ADVANTAGES[config.advantage](answer_rewards, config.group_size)[:, None] * mask
 
         # 5. update: several epochs of clipped policy + value loss on shuffled mini-batches
         update_stats: dict[str, list[float]] = {}
@@ -378,21 +536,31 @@ def training(config: Config) -> Iterator[dict]:
                 index = permutation[start:start + config.mini_batch_size]
                 part = rollout.select(index)
                 if reuse_forward:  # step 3's graph, rows in the same shuffled order
-                    logprobs, values = rollout_logprobs[index], rollout_values[index]
+                    logprobs = rollout_logprobs[index]
+                    values = rollout_values[index] if rollout_values is not None else None
                 else:
                     logprobs, values, _ = models.policy_forward(part, config, bf16, device)
-                pg_loss, pg_stats = losses.ppo_policy_loss(logprobs, old_logprobs[index], advantages[index],
-                                                           part.response_mask, config.clip)
-                vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[index], returns[index],
-                                                          part.response_mask, config.value_clip)
-                grad_norm = fast.backward_and_clip([(pg_loss, policy_parameters),
-                                                    (config.vf_coef * vf_loss, critic_parameters)], 1.0, lanes)
-                if bad_steps.ok(step, policy_loss=pg_loss.detach(), value_loss=vf_loss.detach(), grad_norm=grad_norm):
+                pg_loss, stats = losses.clipped_policy_loss(logprobs, old_logprobs[index], advantages[index],
+                                                            part.response_mask, clip_low, clip_high, aggregate,
+                                                            **aggregate_args)
+                stats["policy_loss"] = pg_loss.detach()
+                if config.kl_in == "loss" and beta:  # GRPO: β·k3 to the reference, aggregated like the policy loss
+                    kl_term = losses.kl_loss(logprobs, ref_logprobs[index], part.response_mask, aggregate,
+                                             **aggregate_args)
+                    pg_loss, stats["kl_loss"] = pg_loss + beta * kl_term, kl_term.detach()
+                terms = [(pg_loss, policy_parameters)]
+                if values is not None:  # PPO's critic: the clipped value loss
+                    vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[index], returns[index],
+                                                              part.response_mask, config.value_clip)
+                    terms.append((config.vf_coef * vf_loss, critic_parameters))
+                    stats.update({**vf_stats, "value_loss": vf_loss.detach()})
+                stats["grad_norm"] = fast.backward_and_clip(terms, 1.0, lanes)
+                checked = {k: stats[k] for k in ("policy_loss", "value_loss", "grad_norm") if k in stats}
+                if bad_steps.ok(step, **checked):
                     optimizer.step()  # else no update: the weights stay those of the last good one
                     schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-                for key, value in {**pg_stats, **vf_stats, "policy_loss": pg_loss.detach(),
-                                   "value_loss": vf_loss.detach(), "grad_norm": grad_norm}.items():
+                for key, value in stats.items():
                     update_stats.setdefault(key, []).append(float(value))
 
         # 6. adaptive β (Ziegler et al.): move β so the per-response KL tracks the target
@@ -403,13 +571,14 @@ def training(config: Config) -> Iterator[dict]:
 
         # 7. log (the gold score and the monitor only log: neither reaches the loss) and keep a few samples
         metrics = {
-            "reward_model_score": raw_scores.mean(), "score": scores.mean(), "kl": kl_per_response, "beta": beta,
+            **({"reward_model_score": raw_scores.mean()} if raw_scores is not None else {}),
+            "score": scores.mean(), "kl": kl_per_response, "beta": beta,
             "entropy": masked_mean(entropy, mask), "response_length": rollout.lengths.float().mean(),
             "ended_fraction": rollout.ended.float().mean(), "non_score_reward": reward_stats["kl_penalty"],
-            "total_reward": rewards.sum(1).mean(), "returns": masked_mean(returns, mask),
-            **{k: sum(v) / len(v) for k, v in update_stats.items()},
-            "lr": schedule.get_last_lr()[0], "generation_seconds": generation_seconds,
-            "step_seconds": time.time() - step_started,
+            "total_reward": rewards.sum(1).mean(), **({"returns": masked_mean(returns, mask)} if returns is not None
+                                                      else {"advantage_abs": masked_mean(advantages.abs(), mask)}),
+            **{k: sum(v) / len(v) for k, v in update_stats.items()}, **sampling_stats,
+            "lr": schedule.get_last_lr()[0], "step_seconds": time.time() - step_started,
         }
         gold_scores = gold.gold_scores([prompt_text(p) for p in batch_prompts], rollout.texts) if gold else None
         metrics.update({"gold_score": sum(gold_scores) / len(gold_scores)} if gold_scores else {})
@@ -446,7 +615,7 @@ def first_samples(step: int, prompts: list[Messages], texts: list[str], scores: 
 
 def save(config: Config, models: Models, out: Path, history: list[dict], beta: float, seconds: float) -> dict:
     keys = ("score", "kl", "gold_score", "response_length")
-    summary = {"stage": "ppo", "steps": config.steps, "final_beta": beta,
+    summary = {"stage": "ppo", "advantage": config.advantage, "steps": config.steps, "final_beta": beta,
                "first": {k: history[0].get(k) for k in keys}, "last": {k: history[-1].get(k) for k in keys},
                "seconds": round(seconds, 1)}
     save_atomic(out, model=merged_for_saving(models.policy), tokenizer=models.tokenizer,

@@ -3,7 +3,8 @@ care about (the gold score) or only what the reward model rewards.
 
 What it shows: the reward-hacking monitor's alarms; the before/after table of the held-out evaluation and
 its picture; reward model vs gold score over PPO's steps; the curves of every stage whose log exists (SFT,
-reward, PPO, DPO, whatever comes later); the KL sweep if one ran; answers side by side; the config.
+reward, PPO, DPO, whatever comes later); the KL sweep and the critic-free comparison if they ran; answers side by
+side; the config.
 How: matplotlib draws PNGs (no pyplot, no display) that the page embeds as data: URIs, with its style inline.
 The page loads nothing and runs no script (its Content-Security-Policy forbids both) and every prompt and
 answer is escaped, so it opens from disk offline and an answer containing markup shows as text.
@@ -288,6 +289,15 @@ def build_page(run: Path, samples: int) -> tuple[str, int]:
         body += image((run / "sweep" / "sweep.png").read_bytes(), "KL sweep")
         images += 1
         sections.append(("sweep", "KL sweep: gold and reward-model score against KL", body))
+    # ... and the critic-free comparison, if `rlhf study critic-free` ran on it
+    comparison = run / "critic_free" / "comparison.json"
+    if comparison.is_file() and (run / "critic_free" / "comparison.png").is_file():
+        data = json.loads(comparison.read_text())
+        body = (html_table(list(data["table"][0]), [list(r.values()) for r in data["table"]])
+                if data.get("table") else "")
+        body += image((run / "critic_free" / "comparison.png").read_bytes(), "critic-free comparison")
+        images += 1
+        sections.append(("critic-free", "PPO and the critic-free methods at the same answers per step", body))
 
     # 5. answers side by side: held-out prompts, harmful requests, the monitor's batch and PPO's batches over steps
     models = [r["model"] for r in result["rows"]] if result else []

@@ -9,7 +9,7 @@ from rlhf.tracking import table
 def _with_ci(row: dict, key: str, signed: bool = False, percent: bool = False) -> str:
     if key not in row:
         return "-"
-    spec = "+.3f" if signed else ".1%" if percent else ".3f"
+    spec = ("+" if signed else "") + (".1%" if percent else ".3f")
     low, high = row[f"{key}_ci"]
     return f"{row[key]:{spec}} [{low:{spec}}, {high:{spec}}]"
 
@@ -19,6 +19,7 @@ def result_rows(result: dict, names: dict[str, str] | None = None) -> list[dict[
     versions reads too, their missing columns as '-'."""
     names = names or {}
     win_by = result.get("win_by", "gold")
+    verifiable = any("accuracy" in r for r in result["rows"])
     rows = []
     for r in result["rows"]:
         outcome = f" ({r['wins']}W {r['ties']}T {r['losses']}L)" if "wins" in r else ""
@@ -26,6 +27,9 @@ def result_rows(result: dict, names: dict[str, str] | None = None) -> list[dict[
                else f"{r['win_rate']:.1%}{outcome}" if "win_rate" in r else "-")
         rows.append({
             "model": names.get(r["model"], r["model"]),
+            **({"accuracy [95% CI]": _with_ci(r, "accuracy", percent=True),
+                "accuracy Δ vs baseline [95% CI]": _with_ci(r, "accuracy_diff", signed=True, percent=True)}
+               if verifiable else {}),
             "gold score [95% CI]": _with_ci(r, "gold"),
             "gold Δ vs baseline [95% CI]": _with_ci(r, "gold_diff", signed=True),
             f"{'RM' if win_by == 'reward_model' else 'gold'} win rate [95% CI]": win,
@@ -66,9 +70,11 @@ def describe_result(result: dict, names: dict[str, str] | None = None) -> str:
     """The table's caption: what was evaluated and what 'gold' means here."""
     names = names or {}
     judge = result.get("judge", "gold")
-    gold_means = "the simulated annotator without noise" if judge == "gold" else f"the judge {judge}"
-    return (f"Held-out evaluation on {result['prompts']} prompts (gold = {gold_means}, 95% bootstrap intervals; "
-            f"baseline: {names.get(result['baseline'], result['baseline'])})")
+    gold_means = ("the simulated annotator without noise" if judge == "gold" else "no judge" if judge in ("", "none")
+                  else f"the judge {judge}")
+    checked = f"; accuracy by {result['checker']}, Δ paired on the same items" if "checker" in result else ""
+    return (f"Held-out evaluation on {result['prompts']} prompts (gold = {gold_means}, 95% bootstrap intervals"
+            f"{checked}; baseline: {names.get(result['baseline'], result['baseline'])})")
 
 
 def format_result(result: dict, names: dict[str, str] | None = None) -> str:

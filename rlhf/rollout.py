@@ -204,3 +204,22 @@ def sample(
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad), skip_special_tokens=True)
     return Rollout(torch.cat(all_prompt), torch.cat(all_prompt_mask), response_ids, response_mask, ended,
                    [t.strip() for t in texts])
+
+
+def concatenate(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Rollouts sampled apart (e.g. dynamic sampling's tries) as one: prompts padded further on the left, responses
+    on the right, as `sample` stitches its own generation batches."""
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    response_width = max(r.response_ids.shape[1] for r in rollouts)
+
+    def left(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (prompt_width - x.shape[1], 0), value=value)
+
+    def right(x: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, response_width - x.shape[1]), value=value)
+
+    return Rollout(torch.cat([left(r.prompt_ids, pad_id) for r in rollouts]),
+                   torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
+                   torch.cat([right(r.response_ids, pad_id) for r in rollouts]),
+                   torch.cat([right(r.response_mask, False) for r in rollouts]),
+                   torch.cat([r.ended for r in rollouts]), [t for r in rollouts for t in r.texts])

@@ -119,3 +119,29 @@ def test_evaluate_without_a_judge_wins_by_the_reward_model(tiny_model, tmp_path)
     assert result["win_by"] == "reward_model" and "gold" not in result["rows"][0]
     assert "refusal_harmful" not in result["rows"][0] and not (tmp_path / "harmful_samples.jsonl").exists()
     assert "RM win rate" in format_result(result)
+
+
+def test_evaluate_reports_accuracy_on_a_verifiable_task_and_the_paired_difference(tiny_model, tmp_path, write_jsonl):
+    """Rows with an `answer` are checked by the checker: accuracy per model with its interval, and the other model's
+    difference from the baseline on the same items (per item, then averaged)."""
+    from rlhf.models import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    checker = tmp_path / "checker.py"
+    checker.write_text("def parity(prompts, completions, answer, **_):\n"
+                       "    return [float(len(c) % 2 == a) for c, a in zip(completions, answer)]\n")
+    data = write_jsonl("problems.jsonl", [{"prompt": f"What is {i} + {i}?", "answer": i % 2} for i in range(8)])
+    result = evaluate.main(evaluate.Config(models=[str(tiny_model), str(other)], data=str(data), judge="none",
+                                           harmful_prompts="none", checker=f"{checker}:parity", max_new_tokens=6,
+                                           output_dir=str(tmp_path / "eval"), bf16=False))
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    right = {m: [float(len(s[m]) % 2 == i % 2) for i, s in enumerate(samples)] for m in (str(tiny_model), str(other))}
+    base, trained = result["rows"]
+    assert base["accuracy"] == pytest.approx(sum(right[str(tiny_model)]) / 8)
+    assert trained["accuracy"] == pytest.approx(sum(right[str(other)]) / 8)
+    assert [s[f"{other}_accuracy"] for s in samples] == right[str(other)]
+    low, high = trained["accuracy_diff_ci"]
+    assert trained["accuracy_diff"] == pytest.approx(trained["accuracy"] - base["accuracy"])
+    assert -1 <= low <= trained["accuracy_diff"] <= high <= 1 and base["accuracy_ci"][0] <= base["accuracy"]
+    table = format_result(result)
+    assert "accuracy [95% CI]" in table and "accuracy Δ vs baseline [95% CI]" in table and "parity" in table

@@ -97,7 +97,7 @@ def test_ppo_stops_on_nan_losses(tiny_model, write_jsonl, tmp_path, monkeypatch)
     rm = tmp_path / "rm"
     save_atomic(rm, model=load_reward_model(tiny_model, torch.device("cpu"), load_tokenizer(tiny_model)),
                 tokenizer=load_tokenizer(tiny_model), json_files={"rlhf_reward_norm.json": {"mean": 0, "std": 1}})
-    nan_loss_at(monkeypatch, ppo.losses, "ppo_policy_loss", set(range(100)))
+    nan_loss_at(monkeypatch, ppo.losses, "clipped_policy_loss", set(range(100)))
     config = ppo.Config(policy=str(tiny_model), reward_model=str(rm), output_dir=str(tmp_path / "ppo"),
                         data=str(write_jsonl("p.jsonl", [{"prompt": d["prompt"]} for d in DEMOS])), steps=2,
                         batch_size=4, mini_batch_size=2, max_new_tokens=4, gold=False, monitor_every=0, bf16=False)

@@ -29,8 +29,8 @@ LAYERS = [
     # stages: each one file, none importing another
     {"sft", "pairs", "reward", "ppo", "dpo", "evaluate", "label"},
     # roads and commands: they run stages; nothing below imports them
-    {"pipeline", "study", "constitutional", "report", "serve", "chat", "annotate", "annotate.render", "annotate.store",
-     "annotate.stats", "annotate.export", "annotate.web"},
+    {"pipeline", "study", "constitutional", "grpo", "report", "serve", "chat", "annotate", "annotate.render",
+     "annotate.store", "annotate.stats", "annotate.export", "annotate.web"},
     {"cli", "annotate.cli"},
     {"__main__", "annotate.__main__"},
 ]

@@ -92,3 +92,34 @@ def test_kl_loss_is_k3_and_stays_finite():
     assert torch.isfinite(logprobs.grad).all()
     huge = losses.kl_loss(torch.zeros(1, 1), torch.full((1, 1), 500.0), torch.ones(1, 1, dtype=torch.bool))
     assert torch.isfinite(huge)
+
+
+def test_clipped_policy_loss_is_ppos_loss_with_a_symmetric_clip_and_token_mean():
+    torch.manual_seed(1)
+    logprobs, old, advantages = torch.randn(3, 5), torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.rand(3, 5) > 0.3
+    loss, stats = losses.clipped_policy_loss(logprobs, old, advantages, mask, 0.2, 0.2, losses.token_mean)
+    expected, expected_stats = losses.ppo_policy_loss(logprobs, old, advantages, mask, clip=0.2)
+    assert torch.equal(loss, expected) and all(torch.equal(stats[k], v) for k, v in expected_stats.items())
+
+
+def test_clipped_policy_loss_aggregates_per_answer_or_by_a_constant():
+    # ratio 1 everywhere: the per-token loss is -A; answer 1 has 2 tokens at A = 1, answer 2 one token at A = -2
+    advantages = torch.tensor([[1.0, 1.0], [-2.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    zeros = torch.zeros(2, 2)
+    sequence, _ = losses.clipped_policy_loss(zeros, zeros, advantages, mask, aggregate=losses.sequence_mean)
+    constant, _ = losses.clipped_policy_loss(zeros, zeros, advantages, mask, aggregate=losses.constant_mean,
+                                             max_length=4)
+    token, stats = losses.clipped_policy_loss(zeros, zeros, advantages, mask)
+    assert sequence.item() == 0.5  # (-1 + 2) / 2
+    assert constant.item() == 0.0  # (-1 - 1 + 2) / (2 · 4)
+    assert token.item() == 0.0  # (-1 - 1 + 2) / 3
+    assert stats["clipfrac"].item() == 0.0 and stats["ratio"].item() == 1.0
+
+
+def test_groups_all_equal_marks_the_groups_that_teach_nothing():
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.3, 0.3])
+    assert losses.groups_all_equal(scores, 2).tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="group_size must be at least 2"):
+        losses.groups_all_equal(scores, 1)

@@ -216,3 +216,29 @@ def test_norm_outputs_cast_once_same_forward_fewer_saved_activations(tiny_model)
     with torch.no_grad():  # outside autocast the hooks do nothing
         assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits,
                            hooked(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_rollouts_sampled_apart_join_with_the_same_log_probs(tiny_model):
+    """`rollout.concatenate` (dynamic sampling's rounds): wider padding on the left of the prompts and the right of
+    the answers leaves every answer's log-probabilities as they were."""
+    from rlhf import ppo
+    from rlhf.rollout import concatenate, sample
+
+    model, tokenizer = load_causal_lm(tiny_model, CPU), load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    short, long = sample(model, tokenizer, PROMPTS[:1], 3, bf16=False), sample(model, tokenizer, PROMPTS[1:], 9,
+                                                                               bf16=False)
+    joined = concatenate([short, long], tokenizer.pad_token_id)
+    width = short.response_ids.shape[1]
+    assert joined.texts == short.texts + long.texts
+    assert joined.ended.tolist() == short.ended.tolist() + long.ended.tolist()
+    assert joined.prompt_ids.shape[1] == long.prompt_ids.shape[1]
+    assert joined.response_ids.shape[1] == max(width, long.response_ids.shape[1])
+    with torch.no_grad():
+        apart = [ppo.response_logprobs_values(model, None, r, 0.7, False, CPU)[0] for r in (short, long)]
+        together = ppo.response_logprobs_values(model, None, joined, 0.7, False, CPU)[0]
+    assert torch.equal(joined.response_mask[0, :width], short.response_mask[0])
+    assert not joined.response_mask[0, width:].any()
+    assert torch.allclose(together[0, :width][short.response_mask[0]], apart[0][0][short.response_mask[0]], atol=1e-5)
+    assert torch.allclose(together[1:, :long.response_ids.shape[1]][long.response_mask], apart[1][long.response_mask],
+                          atol=1e-5)

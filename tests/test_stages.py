@@ -174,6 +174,84 @@ def test_ppo_two_steps(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatc
         assert untouched and all(torch.equal(before[k], base[k]) for k in untouched)
 
 
+RULES = '''
+def varied(prompts, completions, topic, **fields):
+    """A reward that differs between answers to one prompt; it checks that each answer came with its own row."""
+    for prompt, subject in zip(prompts, topic):
+        if subject not in prompt:
+            raise AssertionError(f"row field {subject!r} sent with prompt {prompt!r}")
+    return [float(len(c) % 3) for c in completions]
+'''
+
+
+@pytest.mark.parametrize("settings", [
+    {"advantage": "grpo", "group_size": 2, "kl_in": "loss", "loss_aggregation": "sequence"},
+    {"advantage": "dr_grpo", "group_size": 2, "kl_in": "loss", "loss_aggregation": "constant", "clip_high": 0.28,
+     "dynamic_sampling": True},
+    {"advantage": "rloo", "group_size": 4, "kl_in": "reward", "overlong_buffer": 4},
+    {"advantage": "reinforce_pp", "group_size": 1, "kl_in": "reward"},
+    {"advantage": "gae", "group_size": 2, "kl_in": "loss", "with_reward_model": True},
+])
+def test_online_rl_two_steps_of_each_advantage(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatch, settings):
+    """Each advantage choice on PPO's loop, rewarded by a function from a file (called with the rows' fields); the
+    critic-free ones build no value function."""
+    settings = dict(settings)
+    rules = tmp_path / "rules.py"
+    rules.write_text(RULES)
+    topics = ["rain", "wind", "snow", "the sun", "the moon", "clouds", "rivers", "trees"]
+    prompts = write_jsonl("prompts.jsonl", [{"prompt": f"Explain {t} to a 10-year-old.", "topic": t} for t in topics])
+    loaded = _spy_loaders(monkeypatch)
+    out = tmp_path / "policy"
+    reward_model = str(reward_dir) if settings.pop("with_reward_model", False) else ""
+    summary = ppo.main(ppo.Config(policy=str(tiny_model), reward_model=reward_model, reward_fn=[f"{rules}:varied"],
+                                  data=str(prompts), output_dir=str(out), steps=2, batch_size=4, mini_batch_size=2,
+                                  max_new_tokens=8, lr=1e-3, beta=0.05, bf16=False, gold=False, monitor_every=0,
+                                  **settings))
+    rows = [json.loads(line) for line in (tmp_path / "policy_logs" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and summary["advantage"] == settings["advantage"]
+    for key in ("score", "kl", "policy_loss", "grad_norm", f"reward_fn/{rules}:varied"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert all(("kl_loss" in r) == (settings["kl_in"] == "loss") for r in rows)
+    assert all(("value_loss" in r) == (settings["advantage"] == "gae") for r in rows)
+    assert ("reward_model_score" in rows[0]) == bool(reward_model)
+    if settings.get("dynamic_sampling"):
+        assert all(1 <= r["sampling_rounds"] <= 4 for r in rows)
+    # the policy changed; the reference (and the reward model) did not; no value head for the critic-free choices
+    assert changed(weights(tiny_model), weights(out))
+    assert (out / "value_head.safetensors").is_file() == (settings["advantage"] == "gae")
+    policy, *frozen = loaded["causal"]
+    assert len(frozen) == 1 and len(loaded["reward"]) == bool(reward_model)
+    for model, before in frozen + loaded["reward"]:
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"advantage": "grpo", "group_size": 1}, "group_size must be at least 2, got 1"),
+    ({"advantage": "rloo", "group_size": 3, "batch_size": 4, "mini_batch_size": 4}, "must be a multiple of group_size"),
+    ({"advantage": "a2c"}, "advantage must be one of gae, reinforce_pp, grpo"),
+    ({"kl_in": "both"}, "kl_in must be 'reward' or 'loss'"),
+    ({"loss_aggregation": "sum"}, "loss_aggregation must be one of token, sequence, constant"),
+    ({"reward_model": "none"}, "no reward: give a reward_model folder, reward_fn"),
+    ({"reward_fn": ["a.py:f"], "reward_weights": [1.0, 2.0]}, "1 reward functions but 2 reward_weights"),
+    ({"overlong_buffer": 65}, "overlong_buffer must be between 0"),
+])
+def test_online_rl_settings_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ppo.check(ppo.Config(**settings))
+
+
+def test_rlhf_grpo_is_ppos_stage_with_grpos_defaults(tmp_path):
+    from rlhf import cli, grpo
+
+    path = tmp_path / "grpo.yaml"
+    path.write_text("reward_model: ''\nreward_fn: [rlhf.verifiable:reward]\ngroup_size: 8\n")
+    config = cli.parse_stage_args("grpo", grpo.Config, ["--config", str(path), "--beta", "0.1"])
+    assert (config.advantage, config.group_size, config.kl_in, config.beta) == ("grpo", 8, "loss", 0.1)
+    assert config.reward_fn == ["rlhf.verifiable:reward"] and config.loss_aggregation == "token"
+    assert grpo.Config().kl_in == "loss" and ppo.Config().kl_in == "reward" and ppo.Config().advantage == "gae"
+    assert cli.main(["grpo", "--advantage", "grpo", "--group_size", "1"]) == 2
+
+
 def test_ppo_separate_critic_model(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatch):
     """critic: model is the four-model set-up: a trainable copy of the reward model gives the values."""
     prompts = write_jsonl("prompts.jsonl", PROMPTS)

@@ -85,3 +85,45 @@ def test_kl_sweep_refuses_to_let_its_wiring_be_overridden(run_folder):
 ])
 def test_verdict_reads_the_paired_intervals(gold_ci, reward_ci, expected):
     assert study.verdict({"gold_diff_ci": gold_ci, "reward_model_diff_ci": reward_ci}) == expected
+
+
+TINY_COMPARISON = ["--steps", "2", "--batch_size", "4", "--mini_batch_size", "2", "--group_size", "2",
+                   "--max_new_tokens", "6", "--lr", "1e-3", "--monitor_every", "0", "--max_prompts", "4",
+                   "--eval.harmful_prompts", "none", "--bf16", "false", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_critic_free_comparison_end_to_end(run_folder, capsys):
+    assert cli.main(["study", "critic-free", "--run_dir", str(run_folder), *TINY_COMPARISON]) == 0
+    out = capsys.readouterr().out
+    folder = run_folder / "critic_free"
+    comparison = json.loads((folder / "comparison.json").read_text())
+    assert [p["name"] for p in comparison["points"]] == ["PPO", "GRPO", "Dr. GRPO", "RLOO"]
+    for point in comparison["points"]:
+        for key in ("gold", "gold_ci", "win_rate", "win_rate_ci", "kl_to_reference", "length_tokens", "seconds"):
+            assert key in point, key
+        assert [r["step"] for r in comparison["curves"][point["method"]]] == [0, 1]
+    assert (folder / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every method sampled the same answers per step: PPO one to each of 4 prompts, the groups 2 to each of 2
+    for method, advantage, group_size, kl_in, aggregation in [("gae", "gae", 1, "reward", "token"),
+                                                              ("grpo", "grpo", 2, "loss", "token"),
+                                                              ("dr_grpo", "dr_grpo", 2, "loss", "constant"),
+                                                              ("rloo", "rloo", 2, "reward", "token")]:
+        saved = json.loads((folder / method / "ppo" / "rlhf_config.json").read_text())
+        assert (saved["advantage"], saved["group_size"], saved["kl_in"], saved["loss_aggregation"],
+                saved["batch_size"]) == (advantage, group_size, kl_in, aggregation, 4)
+        assert (folder / method / "ppo" / "value_head.safetensors").is_file() == (method == "gae")
+    assert "Critic-free comparison" in out and "Dr. GRPO" in out and "wall time (min)" in out
+    made = report.main(report.Config(run_dir=str(run_folder)))
+    assert made["images"] == 1 and "critic-free methods" in (run_folder / "report.html").read_text()
+
+
+def test_critic_free_comparison_refuses_what_cannot_be_compared(run_folder):
+    with pytest.raises(ValueError, match="methods must be some of"):
+        study.main(cfg.build(study.Config, {"run_dir": str(run_folder), "study": "critic-free", "methods": ["a2c"]}))
+    with pytest.raises(ValueError, match="must be a multiple of group_size"):
+        study.main(cfg.build(study.Config, {"run_dir": str(run_folder), "study": "critic-free", "batch_size": 6,
+                                            "group_size": 4}))
+    config = cfg.build(study.Config, {"run_dir": str(run_folder), "study": "critic-free", "ppo": {"advantage": "x"}})
+    with pytest.raises(cfg.ConfigError, match="'ppo.advantage' is set by the study"):
+        study.main(config)
