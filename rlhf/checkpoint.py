@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from rlhf import config as cfg
+from rlhf.distributed import SettingError, is_main, world_size
 from rlhf.tracking import say
 
 # keys that change how a run saves, logs or recovers, not what it computes: a resume may change them
@@ -84,6 +85,21 @@ class TrainingState:
         self.signal_number: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self.last_saved: Path | None = None
+        if world_size() > 1:
+            self._check_processes()
+
+    def _check_processes(self) -> None:
+        """With more than one process the state is not saved or resumed yet (each rank holds only its shards of the
+        weights and the optimiser; writing them needs `torch.distributed.checkpoint`): ask for `save_every: 0`
+        rather than train for hours without the saves the config asked for, and refuse a saved state rather than
+        ignore it."""
+        if self.save_every > 0:
+            raise SettingError(f"save_every: saving the training state is not supported with more than one "
+                               f"process yet ({world_size()} here); pass --save_every 0 under torchrun")
+        if self.mode != "never" and self.saved():
+            raise SettingError(f"resume: {self.folder} holds a saved training state, and resuming with more than "
+                               f"one process is not supported yet; resume it in one process, or pass --resume never "
+                               f"to start over")
 
     # --- finding and checking a saved state ---------------------------------------------------------------
     def saved(self) -> list[Path]:
@@ -181,8 +197,9 @@ class TrainingState:
         return final
 
     def finished(self) -> None:
-        """The stage's checkpoint is written: its training state is no longer needed."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """The stage's checkpoint is written: its training state is no longer needed (rank 0 removes it)."""
+        if is_main():
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     # --- SIGTERM / SIGINT -------------------------------------------------------------------------------
     def watch_signals(self) -> None:
@@ -191,8 +208,8 @@ class TrainingState:
         import threading
         import weakref
 
-        if threading.current_thread() is not threading.main_thread():
-            return
+        if threading.current_thread() is not threading.main_thread() or world_size() > 1:
+            return  # under torchrun a signal stops every process at once (no state to save there yet)
         me = weakref.ref(self)  # the handler must not keep a finished stage's state alive
 
         def handler(number, frame):

@@ -154,13 +154,23 @@ def main(argv: list[str] | None = None) -> int:
         if subcommands and " " not in command:
             print(f"\nsubcommands: {', '.join(subcommands)} (rlhf {command} SUBCOMMAND --help)")
         return 0
+    from rlhf import distributed
     from rlhf.checkpoint import StageInterrupted
 
     try:
         config = parse_stage_args(command, config_cls, rest)
         run(config)
-    except (cfg.ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"rlhf {command}: error: {' '.join(str(e).split()).removeprefix(f'rlhf {command}: ')}", file=sys.stderr)
+        distributed.stop()
+    except (cfg.ConfigError, DataError, FileNotFoundError, distributed.SettingError) as e:  # the same on every
+        # process: rank 0 says it
+        if distributed.is_main():
+            print(f"rlhf {command}: error: {' '.join(str(e).split()).removeprefix(f'rlhf {command}: ')}",
+                  file=sys.stderr)
+        return 2
+    except ValueError as e:  # under torchrun maybe one process's own: it says which (torchrun stops the others)
+        where = f" (process {distributed.rank()} of {distributed.world_size()})" if distributed.world_size() > 1 else ""
+        print(f"rlhf {command}: error{where}: {' '.join(str(e).split()).removeprefix(f'rlhf {command}: ')}",
+              file=sys.stderr)
         return 2
     except StageInterrupted as e:
         print(f"\nrlhf {command}: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf import config as cfg
-from rlhf import fast, losses
+from rlhf import distributed, fast, losses
 from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import (
     LengthPolicy,
@@ -47,9 +47,9 @@ from rlhf.models import (
     answer_logprobs,
     check_writable,
     count_parameters,
+    gathered_for_saving,
     load_causal_lm,
     load_tokenizer,
-    merged_for_saving,
     optimizer_and_schedule,
     resolve_model_path,
     save_atomic,
@@ -92,6 +92,11 @@ class Config:
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
+    fsdp: distributed.Sharding = cfg.field("auto", "shard the weights, gradients and optimiser state (and the frozen "
+                                                   "reference's weights) over the processes with FSDP2: auto (with "
+                                                   "more than one process), true or false (each process a full copy)")
+    activation_checkpointing: bool = cfg.field(False, "recompute each decoder layer in the backward pass: less "
+                                                      "memory, about one more forward pass of time")
     seed: int = cfg.field(0, "random seed")
     save_every: int = cfg.field(20, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
     keep_last: int = cfg.field(1, "training states kept (the newest)")
@@ -129,7 +134,8 @@ def all_pair_logprobs(model, pairs: list[Pair], pad_id: int, device: torch.devic
     order = sorted(range(len(pairs)), key=lambda i: sum(map(len, pairs[i])))
     logprobs, lengths = torch.empty(len(pairs), 2), torch.empty(len(pairs), 2)
     batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="log-probs", unit="batch", leave=False, disable=len(batches) < 2):
+    for start in tqdm(batches, desc="log-probs", unit="batch", leave=False,
+                      disable=len(batches) < 2 or not distributed.is_main()):
         index = order[start:start + batch_size]
         lp, n = pair_logprobs(model, [pairs[i] for i in index], pad_id, device, bf16)
         logprobs[index] = lp.float().view(2, -1).T.cpu()
@@ -179,12 +185,13 @@ def training(config: Config) -> Generator[dict, None, dict]:
     """
     loss_fn = pick_loss(config)
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = distributed.start(pick_device(config.device))  # a process group under torchrun; nothing alone
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     check_writable(out)
     started = time.time()
     needs_reference = config.loss != "simpo"
+    sharded = distributed.use_fsdp(config.fsdp)
 
     # 1. the policy (+ LoRA) and the frozen reference: a folder of its own, or the policy's adapter switched off
     model_path = resolve_model_path(config.model)
@@ -198,13 +205,19 @@ def training(config: Config) -> Generator[dict, None, dict]:
         reference_path = resolve_model_path(config.reference) if config.reference else model_path
         if config.reference and load_tokenizer(reference_path).get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"reference {reference_path} has another tokenizer than the model {model_path}")
-        reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=bf16)
+        # FSDP shards the frozen reference like the policy: it is as large as the policy, and a full copy on every
+        # process would take back much of what sharding the policy saved; without gradients or optimiser state its
+        # cost is the layer-by-layer gathering in its forward passes (one pass in all with precompute_reference).
+        # Its Linear weights stay fp32 there: FSDP shards one dtype per unit
+        reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=bf16 and not sharded)
+        reference = distributed.parallel(reference, config, bf16, device)
         reference_name = str(reference_path)
     elif needs_reference:
         reference_name = f"{model_path} with the LoRA adapter off"
     if config.compile:
         fast.compile_layers(policy, reference)
     trainable, total = count_parameters(policy)
+    policy = distributed.parallel(policy, config, bf16, device)  # FSDP2 shards under torchrun (`fsdp`)
     say(f"[dpo] {config.loss}: policy {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), "
         f"reference {reference_name}, on {device}")
 
@@ -274,12 +287,14 @@ def training(config: Config) -> Generator[dict, None, dict]:
     log_dir = out.parent / f"{out.name}_logs"
     trim_metrics(log_dir, start)
     log = RunLog(log_dir)
-    bar = tqdm(range(start, steps), desc=config.loss, unit="step", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc=config.loss, unit="step", initial=start, total=steps,
+               disable=not distributed.is_main())
     state.watch_signals()
     try:
         for step in bar:
             step_started = time.time()
-            index = next_batch(order, len(train_pairs), config.batch_size, rng)
+            # every process draws the same global batch and takes its slice of it (all of it when alone)
+            index = distributed.shard(next_batch(order, len(train_pairs), config.batch_size, rng))
             batch = [train_pairs[i] for i in index]
             ref = None
             if train_ref is not None:
@@ -289,18 +304,20 @@ def training(config: Config) -> Generator[dict, None, dict]:
                                          len(batch)).T.reshape(-1).to(device)
             logprobs, n_tokens = pair_logprobs(policy, batch, pad_id, device, bf16)
             loss, stats = loss_fn(logprobs, n_tokens, ref)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            if bad_steps.ok(step, loss=loss.detach(), grad_norm=grad_norm):  # else no update: the weights stay good
+            # the mean over the global batch's pairs: this process's share of it, the gradients summed over processes
+            distributed.share_of_global_mean(loss, len(batch)).backward()
+            grad_norm = distributed.clip_gradients(policy, 1.0)
+            # sequence log-probs (sums) in the log for every loss, also where the loss compared per-token means
+            chosen_logprobs, rejected_logprobs = logprobs.detach().chunk(2)
+            stats = distributed.weighted_mean({"loss": loss.detach(), **stats,
+                                               "chosen_logprobs": chosen_logprobs.mean(),
+                                               "rejected_logprobs": rejected_logprobs.mean()}, len(batch))
+            if bad_steps.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # else no update: the weights stay good
                 optimizer.step()
                 schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            # sequence log-probs (sums) in the log for every loss, also where the loss compared per-token means
-            chosen_logprobs, rejected_logprobs = logprobs.detach().chunk(2)
-            row = log.log(step, {"loss": loss.detach(), **stats, "chosen_logprobs": chosen_logprobs.mean(),
-                                 "rejected_logprobs": rejected_logprobs.mean(), "grad_norm": grad_norm,
-                                 "lr": schedule.get_last_lr()[0], "bad_steps": bad_steps.total,
-                                 "step_seconds": time.time() - step_started})
+            row = log.log(step, {**stats, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0],
+                                 "bad_steps": bad_steps.total, "step_seconds": time.time() - step_started})
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
             if state.due(step + 1) and step + 1 < steps and not bad_steps.in_a_row:  # keep the last good one
@@ -323,7 +340,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
         log.log(steps, held_out)
     log.close()
 
-    # 6. save the policy (LoRA merged) as a plain causal-LM folder, with the resolved config beside it
+    # 6. save the policy (LoRA merged) as a plain causal-LM folder, with the resolved config beside it (rank 0, once)
     keys = ("loss", "accuracy", "margin", "chosen_logprobs", "rejected_logprobs")
     summary = {"stage": "dpo", "loss": config.loss, "steps": steps, "train_pairs": len(train_pairs),
                "eval_pairs": len(eval_pairs), **held_out, "final_loss": history[-1]["loss"],
@@ -333,9 +350,12 @@ def training(config: Config) -> Generator[dict, None, dict]:
                "skipped_too_long": lengths.skipped,
                "truncated": lengths.truncated, "bad_steps": bad_steps.total,
                "seconds": round(time.time() - started, 1)}
-    save_atomic(out, model=merged_for_saving(policy), tokenizer=tokenizer,
-                json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
+    final = gathered_for_saving(policy)  # the whole weights on rank 0 (LoRA merged), from every process's shards
+    if final is not None:
+        save_atomic(out, model=final, tokenizer=tokenizer,
+                    json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
     state.finished()
+    distributed.barrier()
     held_out_text = (f"held-out implicit-reward accuracy {held_out['eval_accuracy']:.3f}, margin "
                      f"{held_out['eval_margin']:.3f} on {len(eval_pairs)} pairs; " if eval_pairs else "")
     say(f"[dpo] {held_out_text}loss {summary['first']['loss']:.3f} → {summary['final_loss']:.3f}; "

@@ -13,6 +13,7 @@ from typing import Iterable
 
 import torch
 
+from rlhf.distributed import all_agree
 from rlhf.tracking import say
 
 
@@ -33,12 +34,14 @@ class BadSteps:
         """True when every value is finite; else count the step, say which value was bad, and raise once
         `max_bad_steps` in a row were bad."""
         bad = [name for name, value in values.items() if not bool(torch.isfinite(torch.as_tensor(value)).all())]
-        if not bad:
+        if all_agree(not bad):  # with several processes every rank decides the same, so their weights stay equal
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         self.total += 1
-        shown = ", ".join(f"{name}={float(torch.as_tensor(values[name]).float().flatten()[0])}" for name in bad)
+        shown = ", ".join(f"{name}={float(torch.as_tensor(values[name]).float().flatten()[0])}" for name in bad) \
+            or "a loss or gradient norm on another process"
+        bad = bad or ["loss or gradient norm (on another process)"]
         say(f"[{self.stage}] step {step}: {shown} is not finite; update skipped ({self.in_a_row} in a row, "
             f"{self.total} in all; the limit is max_bad_steps={self.limit})")
         if self.in_a_row >= self.limit:

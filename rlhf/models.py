@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from rlhf import distributed
 from rlhf.config import cache_dir
 from rlhf.data import pad_right, position_ids_from_mask
 from rlhf.fast.casts import cast_norm_outputs_once, linears_to_bf16
@@ -361,6 +362,31 @@ def merged_for_saving(model):
 
         return copy.deepcopy(model).merge_and_unload()
     return model
+
+
+def gathered_for_saving(model):
+    """The model to save, on rank 0: the whole weights gathered from every rank's FSDP shards into a plain
+    transformers model of the same class on the CPU (LoRA merged, as `merged_for_saving`); None on the other ranks.
+    Every rank must call it (the gathering is a collective). Without sharding: `merged_for_saving(model)` on rank 0."""
+    if not distributed.is_sharded(model):
+        return merged_for_saving(model) if distributed.is_main() else None
+    from torch.distributed.fsdp import FSDPModule
+
+    weights = distributed.full_state_dict(model)
+    if not distributed.is_main():
+        return None
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        plain = cls(model.config)
+    plain.load_state_dict(weights, assign=True, strict=True)
+    plain.tie_weights()
+    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in a state dict
+        if plain.get_buffer(name).is_meta:
+            module, _, leaf = name.rpartition(".")
+            plain.get_submodule(module).register_buffer(leaf, buffer.detach().cpu().clone(), persistent=False)
+    if getattr(model, "generation_config", None) is not None:  # a causal LM's sampling defaults
+        plain.generation_config = model.generation_config
+    return plain.eval()
 
 
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, want_hidden: bool = False,

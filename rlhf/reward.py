@@ -22,7 +22,7 @@ from typing import Generator
 import torch
 
 from rlhf import config as cfg
-from rlhf import fast
+from rlhf import distributed, fast
 from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import (
     LengthPolicy,
@@ -37,6 +37,7 @@ from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.losses import bradley_terry_loss
 from rlhf.models import (
     check_writable,
+    gathered_for_saving,
     load_reward_model,
     load_tokenizer,
     optimizer_and_schedule,
@@ -54,7 +55,8 @@ class Config:
     output_dir: str = cfg.field("runs/reward", "where the reward model is written")
     eval_fraction: float = cfg.field(0.1, "share of pairs held out to measure pairwise accuracy")
     epochs: float = cfg.field(1.0, "passes over the training pairs")
-    batch_size: int = cfg.field(8, "pairs per optimiser step")
+    batch_size: int = cfg.field(8, "pairs per optimiser step (the global batch: split over the processes under "
+                                   "torchrun)")
     lr: float = cfg.field(2e-5, "peak learning rate")
     weight_decay: float = cfg.field(0.0, "AdamW weight decay")
     warmup_ratio: float = cfg.field(0.1, "fraction of steps warming the learning rate up")
@@ -65,6 +67,11 @@ class Config:
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
+    fsdp: distributed.Sharding = cfg.field("auto", "shard the weights, gradients and optimiser state over the "
+                                                   "processes with FSDP2: auto (with more than one process), true "
+                                                   "or false (each process a full copy)")
+    activation_checkpointing: bool = cfg.field(False, "recompute each decoder layer in the backward pass: less "
+                                                      "memory, about one more forward pass of time")
     seed: int = cfg.field(0, "random seed")
     save_every: int = cfg.field(20, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
     keep_last: int = cfg.field(1, "training states kept (the newest)")
@@ -136,7 +143,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     conversations as the data holds them (the shared prompt counted in each). `main` runs it to the end.
     """
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = distributed.start(pick_device(config.device))  # a process group under torchrun; nothing alone
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     check_writable(out)
@@ -148,6 +155,9 @@ def training(config: Config) -> Generator[dict, None, dict]:
     model = load_reward_model(model_path, device, tokenizer)
     if config.compile:
         fast.compile_layers(model)
+    # FSDP2 shards under torchrun (`fsdp`); `pair_scores` calls the backbone and the score head one by one, so each
+    # is a unit of its own
+    model = distributed.parallel(model, config, bf16, device, units=[model.base_model, model.score])
     pad_id = model.config.pad_token_id
     say(f"[reward] from {model_path} on {device}")
 
@@ -205,23 +215,28 @@ def training(config: Config) -> Generator[dict, None, dict]:
     log = RunLog(log_dir)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, steps), desc="reward", unit="step", initial=start, total=steps)
+    bar = tqdm(range(start, steps), desc="reward", unit="step", initial=start, total=steps,
+               disable=not distributed.is_main())
     state.watch_signals()
     try:
         for step in bar:
-            batch = [train_pairs[i] for i in next_batch(order, len(train_pairs), config.batch_size, rng)]
+            # every process draws the same global batch and takes its slice of it (all of it when alone)
+            batch = distributed.shard([train_pairs[i] for i in next_batch(order, len(train_pairs), config.batch_size,
+                                                                          rng)])
             with autocast(device, bf16):
                 chosen_scores, rejected_scores = pair_scores(model, [(c, r) for c, r, _ in batch], pad_id, device)
             margin = torch.tensor([m for _, _, m in batch], device=device) if config.margin_field else None
             loss, stats = bradley_terry_loss(chosen_scores, rejected_scores, margin)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if bad_steps.ok(step, loss=loss.detach(), grad_norm=grad_norm):  # else no update: the weights stay good
+            # the mean over the global batch's pairs: this process's share of it, the gradients summed over processes
+            distributed.share_of_global_mean(loss, len(batch)).backward()
+            grad_norm = distributed.clip_gradients(model, 1.0)
+            stats = distributed.weighted_mean({"loss": loss.detach(), **stats}, len(batch))
+            if bad_steps.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # else no update: the weights stay good
                 optimizer.step()
                 schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            row = log.log(step, {"loss": loss.detach(), **stats, "grad_norm": grad_norm,
-                                 "lr": schedule.get_last_lr()[0], "bad_steps": bad_steps.total})
+            row = log.log(step, {**stats, "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0],
+                                 "bad_steps": bad_steps.total})
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.2f}")
             if state.due(step + 1) and step + 1 < steps and not bad_steps.in_a_row:  # keep the last good one
                 state.save(step + 1, modules, optimizer, schedule, trainer_values())
@@ -255,10 +270,13 @@ def training(config: Config) -> Generator[dict, None, dict]:
                "skipped_identical_after_truncation": skipped.get("identical_after_truncation", 0),
                "skipped_too_long": lengths.skipped, "truncated": lengths.truncated, "bad_steps": bad_steps.total,
                "seconds": round(time.time() - started, 1)}
-    save_atomic(out, model=model, tokenizer=tokenizer,
-                json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_reward_norm.json": norm,
-                            "rlhf_summary.json": summary})
+    final = gathered_for_saving(model)  # the whole weights on rank 0, from every process's shards
+    if final is not None:
+        save_atomic(out, model=final, tokenizer=tokenizer,
+                    json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_reward_norm.json": norm,
+                                "rlhf_summary.json": summary})
     state.finished()
+    distributed.barrier()
     say(f"[reward] held-out pairwise accuracy {eval_accuracy:.3f} on {len(eval_pairs)} pairs "
         f"(train {train_accuracy:.3f}); saved {out} ({summary['seconds']} s)")
     return summary

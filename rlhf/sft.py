@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generator
 
-import torch
-
 from rlhf import config as cfg
-from rlhf import fast
+from rlhf import distributed, fast
 from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import LengthPolicy, encode_prompt, encode_response, next_batch, read_demonstrations, resolve_data_path
 from rlhf.guard import BadSteps
@@ -33,9 +31,9 @@ from rlhf.models import (
     answer_logprobs,
     check_writable,
     count_parameters,
+    gathered_for_saving,
     load_causal_lm,
     load_tokenizer,
-    merged_for_saving,
     optimizer_and_schedule,
     resolve_model_path,
     save_atomic,
@@ -51,7 +49,8 @@ class Config:
                                                     "builtin:demonstrations")
     output_dir: str = cfg.field("runs/sft", "where the fine-tuned model is written")
     epochs: float = cfg.field(1.0, "passes over the demonstrations (fractions allowed)")
-    batch_size: int = cfg.field(8, "examples per optimiser step")
+    batch_size: int = cfg.field(8, "examples per optimiser step (the global batch: split over the processes under "
+                                   "torchrun)")
     lr: float = cfg.field(5e-5, "peak learning rate")
     weight_decay: float = cfg.field(0.0, "AdamW weight decay")
     warmup_ratio: float = cfg.field(0.1, "fraction of steps spent warming the learning rate up")
@@ -66,6 +65,11 @@ class Config:
     compile: bool = cfg.field(False, "torch.compile each decoder layer for the training and scoring passes (generation "
                                      "stays eager): faster steps after a one-off compile; needs a C++ compiler")
     device: str = cfg.field("auto", "cpu, cuda or auto")
+    fsdp: distributed.Sharding = cfg.field("auto", "shard the weights, gradients and optimiser state over the "
+                                                   "processes with FSDP2: auto (with more than one process), true "
+                                                   "or false (each process a full copy)")
+    activation_checkpointing: bool = cfg.field(False, "recompute each decoder layer in the backward pass: less "
+                                                      "memory, about one more forward pass of time")
     seed: int = cfg.field(0, "random seed")
     log_every: int = cfg.field(1, "log metrics every N steps")
     save_every: int = cfg.field(20, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
@@ -89,7 +93,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     tokens of the batch. `main` runs it to the end; a benchmark can time it step by step.
     """
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = distributed.start(pick_device(config.device))  # a process group under torchrun; nothing alone
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     check_writable(out)
@@ -104,6 +108,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     if config.compile:
         fast.compile_layers(model)
     trainable, total = count_parameters(model)
+    model = distributed.parallel(model, config, bf16, device)  # FSDP2 shards under torchrun (`fsdp`)
     say(f"[sft] model {model_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M parameters trained) on {device}")
 
     # 2. demonstrations → (prompt ids, response ids + EOS); loss only on the response part
@@ -144,26 +149,30 @@ def training(config: Config) -> Generator[dict, None, dict]:
     log = RunLog(log_dir)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, total_steps), desc="sft", unit="step", initial=start, total=total_steps)
+    bar = tqdm(range(start, total_steps), desc="sft", unit="step", initial=start, total=total_steps,
+               disable=not distributed.is_main())
     state.watch_signals()
     try:
         for step in bar:
-            batch = [examples[i] for i in next_batch(order, len(examples), config.batch_size, rng)]
+            # every process draws the same global batch and takes its slice of it (all of it when alone)
+            batch = distributed.shard([examples[i] for i in next_batch(order, len(examples), config.batch_size, rng)])
             # the loss asks the model to predict the response tokens only: the prompt is context
             logprobs, response_mask = answer_logprobs(model, batch, tokenizer.pad_token_id, device, bf16)
             loss, stats = sft_loss(logprobs, response_mask)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if bad_steps.ok(step, loss=stats["nll"], grad_norm=grad_norm):  # else no update: the weights stay good
+            # the token mean over the global batch: this process's share of it, the gradients summed over processes
+            distributed.share_of_global_mean(loss, stats["tokens"]).backward()
+            grad_norm = distributed.clip_gradients(model, 1.0)
+            nll = distributed.weighted_mean({"nll": stats["nll"]}, stats["tokens"])["nll"]
+            if bad_steps.ok(step, loss=nll, grad_norm=grad_norm):  # else no update: the weights stay good
                 optimizer.step()
                 schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            metrics = {"loss": stats["nll"], "tokens": stats["tokens"], "grad_norm": grad_norm,
+            metrics = {"loss": nll, "tokens": distributed.reduce_sum(stats["tokens"]).long(), "grad_norm": grad_norm,
                        "lr": schedule.get_last_lr()[0], "bad_steps": bad_steps.total}
             if step % config.log_every == 0 or step == total_steps - 1:
                 row = log.log(step, metrics)
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
-            last = {"loss": float(stats["nll"])}
+            last = {"loss": float(nll)}
             if state.due(step + 1) and step + 1 < total_steps and not bad_steps.in_a_row:  # the last good one
                 state.save(step + 1, modules, optimizer, schedule, trainer_values())
             state.stop_if_asked(step + 1, modules, optimizer, schedule, trainer_values())
@@ -174,12 +183,15 @@ def training(config: Config) -> Generator[dict, None, dict]:
 
     bad_steps.check_last(total_steps)
 
-    # 4. save a Hugging Face folder atomically, with the resolved config beside the weights
+    # 4. save a Hugging Face folder atomically, with the resolved config beside the weights (rank 0, once)
     summary = {"stage": "sft", "steps": total_steps, "final_loss": last["loss"], "bad_steps": bad_steps.total,
                "examples": len(examples), "truncated": lengths.truncated, "skipped": lengths.skipped,
                "seconds": round(time.time() - started, 1)}
-    save_atomic(out, model=merged_for_saving(model), tokenizer=tokenizer,
-                json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
+    final = gathered_for_saving(model)  # the whole weights on rank 0, from every process's shards
+    if final is not None:
+        save_atomic(out, model=final, tokenizer=tokenizer,
+                    json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary})
     state.finished()
+    distributed.barrier()
     say(f"[sft] saved {out} (loss {summary['final_loss']:.3f}, {summary['seconds']} s)")
     return summary

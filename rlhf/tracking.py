@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -11,14 +10,7 @@ from typing import Any, Generator
 
 import torch
 
-
-def rank() -> int:
-    """The process rank under torchrun (0 when run plainly): only rank 0 prints, logs and saves."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main() -> bool:
-    return rank() == 0
+from rlhf.distributed import is_main
 
 
 def say(*args: Any) -> None:

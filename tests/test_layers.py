@@ -14,7 +14,8 @@ LAYERS = [
     # maths: pure functions on tensors
     {"ops"},
     {"losses"},
-    # base: settings, logging, text statistics, the machine, data files, plots
+    # base: processes (torchrun), settings, logging, text statistics, the machine, data files, plots
+    {"distributed"},
     {"config", "tracking", "plots", "detectors", "httpd"},
     {"hhh", "verifiable", "hardware", "wiring", "guard", "annotate.errors"},
     {"annotators", "data"},

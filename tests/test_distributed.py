@@ -1,0 +1,196 @@
+"""More than one process: SFT, reward and DPO under `torchrun --nproc_per_node 2` (gloo, CPU, fp32, tiny model) take
+the same steps as one process with the same global batch and seed: the same per-step losses and gradient norms, the
+same final weights, saved once as a plain Hugging Face folder. FSDP2 really shards (each rank holds about half of the
+parameters and of the optimiser state), and a rank that fails stops the whole run with its error shown once.
+
+The global batch is 3 over 2 processes, so the ranks hold 2 and 1 examples: a mean of the ranks' means would differ
+from the global mean, and the test would see it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import checkpoint, distributed, dpo, reward, sft
+from rlhf.tracking import read_jsonl
+
+DEMOS = [{"prompt": f"Explain {t} to a 10-year-old.", "completion": f"{t.capitalize()} is {'a thing ' * (i % 3)}in "
+                                                                     f"nature, {i}."}
+         for i, t in enumerate(["rain", "wind", "snow", "the sun", "the moon", "clouds", "rivers", "trees"])]
+PAIRS = [{"prompt": d["prompt"], "chosen": f"A short clear answer number {i}.",
+          "rejected": f"answer answer answer {i} that never ends and" + " and" * (i % 3)} for i, d in enumerate(DEMOS)]
+STAGES = {"sft": sft, "reward": reward, "dpo": dpo}
+# 8 examples, a global batch of 3, three steps in each stage
+SETTINGS = {"sft": {"epochs": 1.5}, "reward": {"epochs": 1.125, "eval_fraction": 0.0},
+            "dpo": {"epochs": 1.125, "eval_fraction": 0.0}}
+
+# Run under torchrun: records each rank's local parameter and optimiser sizes before the final save, and with
+# FAIL_RANK set that rank raises in the middle of step 1 (after its backward pass, while the other waits for it)
+DRIVER = """
+import json, os, sys
+from torch.distributed.fsdp import FSDPModule
+from rlhf import cli, distributed, dpo, guard, reward, sft
+record, fail_rank = os.environ["RECORD_DIR"], int(os.environ.get("FAIL_RANK", -1))
+optimizers = []
+for stage in (sft, reward, dpo):
+    def optimizer_and_schedule(*args, _make=stage.optimizer_and_schedule, **kwargs):
+        made = _make(*args, **kwargs)
+        optimizers.append(made[0])
+        return made
+    def gathered_for_saving(model, _gather=stage.gathered_for_saving):
+        for module in model.modules():  # a root unit stays gathered after a forward pass without gradient (the
+            if isinstance(module, FSDPModule):  # reward model's evaluation): count what each rank keeps
+                module.reshard()
+        sizes = distributed.local_sizes(model, optimizers[-1])
+        with open(os.path.join(record, f"rank{distributed.rank()}.json"), "w") as f:
+            json.dump(sizes, f)
+        return _gather(model)
+    stage.optimizer_and_schedule, stage.gathered_for_saving = optimizer_and_schedule, gathered_for_saving
+ok = guard.BadSteps.ok
+def checking(self, step, **values):
+    if step == 1 and distributed.rank() == fail_rank:
+        raise ValueError(f"a failure on rank {fail_rank} only")
+    return ok(self, step, **values)
+guard.BadSteps.ok = checking
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("distributed-data")
+    paths = {}
+    for name, rows in (("demos", DEMOS), ("pairs", PAIRS)):
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "driver.py").write_text(DRIVER)
+    paths["driver"] = folder / "driver.py"
+    return paths
+
+
+def settings(stage: str, tiny_model, files) -> dict:
+    return {"model": str(tiny_model), "data": str(files["demos" if stage == "sft" else "pairs"]), "batch_size": 3,
+            "lr": 1e-4, "bf16": False, "device": "cpu", "save_every": 0, "seed": 3, **SETTINGS[stage]}
+
+
+def torchrun(args: list[str], tmp_path, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "RLHF_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+                   "RECORD_DIR": str(tmp_path), **{k: str(v) for k, v in env.items()}}
+    environment.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+def test_two_processes_take_the_steps_of_one(stage, tiny_model, files, tmp_path):
+    values = settings(stage, tiny_model, files)
+    module = STAGES[stage]
+    one = tmp_path / "one"
+    module.main(module.Config(**values, output_dir=str(one)))
+
+    two = tmp_path / "two"
+    args = [str(files["driver"]), stage, *[f"--{k}={v}" for k, v in values.items()], f"--output_dir={two}"]
+    result = torchrun(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # the same losses and gradient norms, step by step, logged once (rank 0)
+    rows_one = [r for r in read_jsonl(tmp_path / "one_logs" / "metrics.jsonl") if "loss" in r]
+    rows_two = [r for r in read_jsonl(tmp_path / "two_logs" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows_two] == [0, 1, 2] == [r["step"] for r in rows_one]
+    for key in ("loss", "grad_norm"):
+        a, b = torch.tensor([r[key] for r in rows_one]), torch.tensor([r[key] for r in rows_two])
+        assert relative_difference(a, b) < 1e-5, (key, a, b)
+    assert rows_one[-1]["loss"] != rows_one[0]["loss"]  # the steps did move the weights
+
+    # the same final weights, in one plain folder that transformers loads; no training state left behind
+    weights_one, weights_two = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert sorted(weights_one) == sorted(weights_two)
+    start = load_file(str(tiny_model / "model.safetensors"))
+    largest = max(w.abs().max().item() for w in weights_one.values())
+    moved = max((weights_one[k] - start[k]).abs().max().item() for k in weights_one if k in start)
+    difference = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
+    assert difference < 1e-5 * largest < moved / 10, (difference, largest, moved)
+    if stage == "reward":
+        from transformers import AutoModelForSequenceClassification as Auto
+        norm_one, norm_two = (json.loads((d / "rlhf_reward_norm.json").read_text()) for d in (one, two))
+        assert norm_two["mean"] == pytest.approx(norm_one["mean"], rel=1e-5, abs=1e-6)
+    else:
+        from transformers import AutoModelForCausalLM as Auto
+    assert Auto.from_pretrained(two).num_parameters() == Auto.from_pretrained(one).num_parameters()
+    assert not (tmp_path / "two_state").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".two")] == []
+
+    # FSDP2 sharded: each rank holds about half of every parameter and its two Adam moments
+    sizes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    full = sizes[0]["full_parameters"]
+    assert sizes[0]["parameters"] + sizes[1]["parameters"] == full
+    for rank_sizes in sizes:
+        assert 0.4 * full < rank_sizes["parameters"] < 0.6 * full, sizes
+        assert rank_sizes["optimizer"] == 2 * rank_sizes["parameters"], sizes
+
+
+def test_a_failing_rank_stops_the_run_with_its_error_shown_once(tiny_model, files, tmp_path):
+    values = settings("sft", tiny_model, files)
+    args = [str(files["driver"]), "sft", *[f"--{k}={v}" for k, v in values.items()], f"--output_dir={tmp_path / 'out'}"]
+    # rank 0 waits for rank 1 in the step's collectives; torchrun stops it when rank 1 exits (the subprocess
+    # timeout bounds the test: a hang fails it)
+    result = torchrun(args, tmp_path, FAIL_RANK=1)
+    assert result.returncode != 0
+    assert result.stderr.count("rlhf sft: error (process 1 of 2): a failure on rank 1 only") == 1, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_that_do_not_work_with_processes_are_refused_by_name(tiny_model, files, tmp_path, monkeypatch):
+    with pytest.raises(distributed.SettingError, match="fsdp: LoRA"):
+        sft.main(sft.Config(**{**settings("sft", tiny_model, files), "lora_r": 4, "fsdp": True},
+                            output_dir=str(tmp_path / "lora")))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = sft.Config(**{**settings("sft", tiny_model, files), "save_every": 5}, output_dir=str(tmp_path / "x"))
+    with pytest.raises(distributed.SettingError, match="save_every: .* pass --save_every 0 under torchrun"):
+        checkpoint.TrainingState("sft", config, {}, tmp_path / "x")
+
+
+def test_a_global_batch_splits_into_slices_that_differ_by_at_most_one():
+    batch = list(range(7))
+    parts = [distributed.shard(batch, index, 3) for index in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    assert distributed.shard(batch) == batch  # one process: all of it
+    with pytest.raises(distributed.SettingError, match="batch_size: a batch of 2 cannot be split over 3"):
+        distributed.shard(batch[:2], 0, 3)
+
+
+def test_fsdp_setting_is_checked(tiny_model, files):
+    from rlhf import config as cfg
+
+    with pytest.raises(cfg.ConfigError, match="'fsdp': expected"):
+        cfg.build(sft.Config, {"fsdp": "sometimes"})
+    assert cfg.build(dpo.Config, {"fsdp": "auto"}).fsdp == "auto"
+    assert distributed.use_fsdp("auto") is False and distributed.use_fsdp(True) is True  # one process here
+
+
+def test_activation_checkpointing_recomputes_each_layer_with_the_same_gradients(tiny_model):
+    from rlhf.models import load_causal_lm
+
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    gradients, calls = [], []
+    for recompute in (False, True):
+        model = load_causal_lm(tiny_model, torch.device("cpu"))
+        if recompute:
+            assert distributed.checkpoint_activations(model) == 2
+        inner = distributed.decoder_layers(model)[0].mlp  # the recomputation calls the layer's own forward
+        count = [0]
+        inner.register_forward_pre_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
+        model(input_ids=ids, use_cache=False).logits.logsumexp(-1).mean().backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        calls.append(count[0])
+    assert calls == [1, 2]  # the layer ran again in the backward pass
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-7)
