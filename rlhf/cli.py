@@ -70,7 +70,7 @@ def file_values(command: str, cls: type, path: str) -> dict:
     sectioned = {k for k, v in data.items() if isinstance(v, dict) and k not in fields}
     if not sectioned:
         return data  # flat: every key must be one of the stage's (cfg.build says which is not)
-    if section_name in PIPELINE_STAGES:
+    if section_name in PIPELINE_STAGES and sectioned <= set(PIPELINE_STAGES):  # a pipeline's file: its wiring
         from rlhf import pipeline
 
         try:

@@ -191,6 +191,16 @@ def test_sectioned_config_uses_top_level_keys_and_the_stage_section(tmp_path):
     assert config.output_dir == "runs/x/dpo"
 
 
+def test_a_file_with_sections_that_are_not_the_pipeline_s_gives_each_command_its_section(tmp_path):
+    """configs/arithmetic.yaml holds `grpo:` and `eval:`: `rlhf eval --config` reads its section, not a pipeline."""
+    from rlhf import evaluate, grpo
+
+    path = tmp_path / "run.yaml"
+    path.write_text("grpo:\n  steps: 3\n  reward_model: ''\neval:\n  models: [tiny]\n  judge: none\n")
+    assert cli.parse_stage_args("eval", evaluate.Config, ["--config", str(path)]).models == ["tiny"]
+    assert cli.parse_stage_args("grpo", grpo.Config, ["--config", str(path)]).steps == 3
+
+
 def test_a_key_that_applies_to_nothing_names_the_close_match(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: tiny\nbf61: false\nsft:\n  epochs: 1\n")
