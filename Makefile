@@ -28,7 +28,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/rlhf pipeline --config configs/demo.yaml
 
-# What RLHF changes, row by row: refusals, "I don't know", helpfulness (configs/hhh.yaml, about 30 minutes)
+# What RLHF changes, row by row: refusals, "I don't know", helpfulness (configs/hhh.yaml; README)
 hhh: $(STAMP)
 	$(BIN)/rlhf pipeline --config configs/hhh.yaml
 
