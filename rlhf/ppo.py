@@ -532,8 +532,8 @@ def training(config: Config) -> Iterator[dict]:
         update_stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
             permutation = torch.randperm(config.batch_size, device=device)
-            for start in range(0, config.batch_size, config.mini_batch_size):
-                index = permutation[start:start + config.mini_batch_size]
+            for first in range(0, config.batch_size, config.mini_batch_size):
+                index = permutation[first:first + config.mini_batch_size]
                 part = rollout.select(index)
                 if reuse_forward:  # step 3's graph, rows in the same shuffled order
                     logprobs = rollout_logprobs[index]
