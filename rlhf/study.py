@@ -69,6 +69,17 @@ class Config:
     seed: int = cfg.field(0, "random seed (the same for every β: the runs differ only in β)")
 
 
+def held_out_eval(config, run: Path, out: Path, trained: list) -> evaluate.Config:
+    """One evaluation of the run's SFT model and every trained policy, on the same held-out prompts, at the first
+    policy's temperature; SFT is the KL reference."""
+    sft = str(run / "sft")
+    return wiring.stage_config(evaluate.Config, "eval", section=config.eval, road="study", shared={
+        "max_new_tokens": config.max_new_tokens, "temperature": trained[0].temperature}, wiring={
+        "models": [sft] + [c.output_dir for c in trained], "reference": sft,
+        "reward_model": str(run / "reward"), "data": config.eval_prompts, "output_dir": str(out / "eval"),
+        "max_prompts": config.max_prompts, "bf16": config.bf16, "device": config.device})
+
+
 def ppo_config(config: Config, run: Path, folder: Path, beta: float, method: str = "gae") -> ppo.Config:
     """The PPO settings of one β (and method): the method's own settings, then the study's shared settings, then
     its `ppo` section, then the wiring (fixed β, the method's advantage and group size, the run's models, the
@@ -149,12 +160,7 @@ def main(config: Config) -> dict:
     started = time.time()
     configs = {beta: ppo_config(config, run, out / f"beta_{beta:g}", beta) for beta in config.betas}
     sft = str(run / "sft")
-    first = next(iter(configs.values()))
-    eval_config = wiring.stage_config(evaluate.Config, "eval", section=config.eval, road="study", shared={
-        "max_new_tokens": config.max_new_tokens, "temperature": first.temperature}, wiring={
-        "models": [sft] + [c.output_dir for c in configs.values()], "reference": sft,
-        "reward_model": str(run / "reward"), "data": config.eval_prompts, "output_dir": str(out / "eval"),
-        "max_prompts": config.max_prompts, "bf16": config.bf16, "device": config.device})
+    eval_config = held_out_eval(config, run, out, list(configs.values()))
     say(f"[study] kl-sweep: β = {', '.join(f'{b:g}' for b in config.betas)}, {config.steps} PPO steps each, from {run}")
 
     # 1. one PPO run per β, from the same SFT model and reward model with the same seed
@@ -236,12 +242,7 @@ def compare(config: Config, run: Path) -> dict:
     started = time.time()
     configs = {m: ppo_config(config, run, out / m, config.beta, m) for m in config.methods}
     sft = str(run / "sft")
-    first = next(iter(configs.values()))
-    eval_config = wiring.stage_config(evaluate.Config, "eval", section=config.eval, road="study", shared={
-        "max_new_tokens": config.max_new_tokens, "temperature": first.temperature}, wiring={
-        "models": [sft] + [c.output_dir for c in configs.values()], "reference": sft,
-        "reward_model": str(run / "reward"), "data": config.eval_prompts, "output_dir": str(out / "eval"),
-        "max_prompts": config.max_prompts, "bf16": config.bf16, "device": config.device})
+    eval_config = held_out_eval(config, run, out, list(configs.values()))
     say(f"[study] critic-free: {', '.join(METHODS[m][0] for m in configs)}, {config.steps} steps of "
         f"{config.batch_size} answers each (groups of {config.group_size}), β={config.beta:g}, from {run}")
 
