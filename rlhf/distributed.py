@@ -24,9 +24,10 @@ returns its input or the local value.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from typing import Literal, TypeVar, Union
+from typing import Iterator, Literal, TypeVar, Union
 
 import torch
 
@@ -155,6 +156,37 @@ def all_agree(flag: bool) -> bool:
     return bool(reduce_sum(0.0 if flag else 1.0).item() == 0)
 
 
+def gather_objects(value: T) -> list[T]:
+    """Every rank's `value` (picklable: a rollout's CPU tensors, a list of floats), in rank order, on every rank;
+    `[value]` with one process."""
+    if not is_distributed():
+        return [value]
+    values: list = [None] * world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def from_rank0(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (a random draw that must be the same everywhere, such as the order of PPO's
+    mini-batches); the tensor itself with one process."""
+    if not is_distributed():
+        return tensor
+    shared = tensor.to(_collective_device()).contiguous()
+    torch.distributed.broadcast(shared, src=0)
+    return shared.to(tensor.device)
+
+
+def part_of(count: int, index: int | None = None, ranks: int | None = None) -> range:
+    """Rank `index`'s rows (default: this process's) of `count` rows split over `ranks` (default: the processes), as
+    `shard` splits a batch, except that a rank may get none: for work without collectives (sampling with the
+    weights gathered, scoring), where a round of fewer prompts than processes leaves some idle."""
+    ranks = ranks or (world_size() if is_distributed() else 1)
+    index = rank() if index is None else index
+    base, extra = divmod(count, ranks)
+    begin = index * base + min(index, extra)
+    return range(begin, begin + base + (index < extra))
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
         else torch.device("cpu")
@@ -251,23 +283,62 @@ def shard_model(model: torch.nn.Module, bf16: bool, device: torch.device,
     return model
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+def clip_gradients(model: torch.nn.Module, max_norm: float,
+                   replicated: list[torch.nn.Parameter] | None = None) -> torch.Tensor:
     """Make the gradients those of the global batch, then clip them to `max_norm` → the global norm before
     clipping. FSDP has summed each shard's gradient over the ranks already; a replicated model's gradients are
-    summed here; with one process this is `clip_grad_norm_`."""
+    summed here, and so are those of `replicated` (parameters outside the model that every rank holds whole, such
+    as PPO's value head), which count in the norm; with one process this is `clip_grad_norm_`."""
+    replicated = [p for p in replicated or [] if p.grad is not None]
+    if is_distributed():
+        for p in replicated:
+            torch.distributed.all_reduce(p.grad)
     parameters = [p for p in model.parameters() if p.grad is not None]
     if not is_sharded(model):
         if is_distributed():
             for p in parameters:
                 torch.distributed.all_reduce(p.grad)
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return torch.nn.utils.clip_grad_norm_(list(model.parameters()) + replicated, max_norm)
     from torch.distributed.tensor import DTensor
 
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
     if isinstance(norm, DTensor):  # each rank's shards → the norm over all of them
         norm = norm.full_tensor()
+    if replicated:
+        norm = torch.nn.utils.get_total_norm([norm, torch.nn.utils.get_total_norm([p.grad for p in replicated])])
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    if replicated:  # apart: one clipping call cannot mix sharded (DTensor) and plain gradients
+        torch.nn.utils.clip_grads_with_norm_(replicated, max_norm, norm)
     return norm
+
+
+@contextlib.contextmanager
+def gathered(*models: torch.nn.Module | None) -> Iterator[None]:
+    """The sharded models' whole weights on every rank for the block, gathered once (one all-gather per FSDP unit)
+    and kept through any number of forward passes, then sharded again. For sampling: without it every new token
+    would gather every layer again, and ranks whose answers end at different lengths would wait on each other's
+    collectives. Inside, no forward pass runs a collective, so ranks may run different numbers of them. Every rank
+    must enter and leave together; models that are not sharded (or None) are left alone. Needs the whole model to
+    fit one device beside its shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for model in models if model is not None and is_sharded(model)
+             for m in model.modules() if isinstance(m, FSDPModule)]
+    # no resharding after a forward pass inside the block (a unit without a post-forward mesh keeps its weights, as
+    # the root does for the backward that follows its forward), each unit's own choice restored after
+    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+    meshes = [group.post_forward_mesh_info for group in groups]
+    for group in groups:
+        group.post_forward_mesh_info = None
+    try:
+        for unit in units:
+            unit.unshard()
+        yield
+    finally:
+        for group, mesh in zip(groups, meshes):
+            group.post_forward_mesh_info = mesh
+        for unit in units:
+            unit.reshard()
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

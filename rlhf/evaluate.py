@@ -9,7 +9,9 @@ small set of harmful requests checks that a model still declines them, and the h
 not decline benign questions. On a verifiable task (prompt rows with an `answer`, e.g. builtin:arithmetic_heldout) a
 checker marks each answer right or wrong: accuracy with a 95% interval, and for every other model the paired
 difference from the baseline's on the same items with its interval. The metrics are `rlhf.metrics`, the sampling and
-scoring `rlhf.scoring`, the table `rlhf.results`.
+scoring `rlhf.scoring`, the table `rlhf.results`. Under torchrun each process answers and scores its part of every
+prompt set with a whole copy of each model (inference only: nothing to shard, no collective per token), and rank 0
+puts the parts together, computes the statistics and writes the results.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
-from rlhf import rewards
+from rlhf import distributed, rewards
 from rlhf.data import (
     LengthPolicy,
     fit_prompts,
@@ -85,10 +87,28 @@ class Config:
     seed: int = cfg.field(1234, "sampling seed (the same for every model)")
 
 
+def mine(items: list) -> list:
+    """This process's part of a list (all of it in one process)."""
+    rows = distributed.part_of(len(items))
+    return items[rows.start:rows.stop]
+
+
+def everyone(items: list) -> list:
+    """Every process's part of a list put back together, in rank order (the list itself in one process)."""
+    return [item for part in distributed.gather_objects(items) for item in part]
+
+
+def everyone_by_key(values: dict[str, list]) -> dict[str, list]:
+    """`everyone` for each list of a dict (a process with no rows has no keys)."""
+    parts = distributed.gather_objects(values)
+    keys = list(dict.fromkeys(key for part in parts for key in part))
+    return {key: [v for part in parts for v in part.get(key, [])] for key in keys}
+
+
 def main(config: Config, names: dict[str, str] | None = None) -> dict:
     if not config.models:
         raise ValueError("evaluate: name at least one model in 'models'")
-    device = pick_device(config.device)
+    device = distributed.start(pick_device(config.device))  # a process group under torchrun; nothing alone
     bf16 = resolve_bf16(config.bf16, device)
     started = time.time()
     rows_read = read_prompt_rows(resolve_data_path(config.data))
@@ -118,7 +138,11 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
             f"{config.max_prompt_length}")
     questions = [prompt_text(p) for p in prompts]
     reference = load_causal_lm(reference_path, device, trainable=False, bf16_linears=bf16)
-    settings = (config.max_new_tokens, config.temperature, config.batch_size, bf16, config.seed)
+    # under torchrun: this process's part of each prompt set, sampled with its own seed (the same for every model,
+    # so the comparison stays paired)
+    settings = (config.max_new_tokens, config.temperature, config.batch_size, bf16, config.seed + distributed.rank())
+    prompts_here, questions_here = mine(prompts), mine(questions)
+    fields_here = {key: mine(values) for key, values in fields.items()}
 
     # 1. every model answers every held-out prompt and every behaviour set's prompt (harmful requests, look-alikes,
     #    unanswerable questions and their twins), with the same seed and settings; the judge and the reward model
@@ -128,18 +152,24 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
         path = resolve_model_path(name)
         model = reference if path == reference_path else load_causal_lm(path, device, trainable=False,
                                                                                bf16_linears=bf16)
-        rollout, scores[name] = answer_and_score(model, tokenizer, prompts, judge, reward, *settings, progress=True)
-        answers[name] = rollout.texts
-        if checker is not None:  # right (1) or wrong (0) per item, by the task's checker
-            scores[name]["accuracy"] = rewards.call(config.checker, checker, questions, rollout.texts, fields)
-        # 2. KL to the reference on the model's own samples; what the model does with each behaviour set
-        scores[name]["kl"] = sequence_kl(model, reference, rollout, config.temperature, bf16, device).tolist()
+        texts, here = [], {}
+        if prompts_here:
+            rollout, here = answer_and_score(model, tokenizer, prompts_here, judge, reward, *settings,
+                                             progress=distributed.is_main())
+            texts = rollout.texts
+            if checker is not None:  # right (1) or wrong (0) per item, by the task's checker
+                here["accuracy"] = rewards.call(config.checker, checker, questions_here, texts, fields_here)
+            # 2. KL to the reference on the model's own samples; what the model does with each behaviour set
+            here["kl"] = sequence_kl(model, reference, rollout, config.temperature, bf16, device).tolist()
+        answers[name], scores[name] = everyone(texts), everyone_by_key(here)
         for kind, kind_prompts in behaviour_prompts.items():
-            texts = sample_seeded(model, tokenizer, kind_prompts, *settings).texts
-            behaviours.setdefault(kind, {})[name] = [(t, BEHAVIOURS[kind][1](t)) for t in texts]
-        if config.show:
+            texts = sample_seeded(model, tokenizer, mine(kind_prompts), *settings).texts if mine(kind_prompts) else []
+            behaviours.setdefault(kind, {})[name] = everyone([(t, BEHAVIOURS[kind][1](t)) for t in texts])
+        if config.show and distributed.is_main():
             shown[name] = sample_seeded(model, tokenizer, [[{"role": "user", "content": q}] for q in config.show],
                                         *settings).texts
+    if not distributed.is_main():  # rank 0 has every answer; no collective follows
+        return {}
 
     # 3. statistics: means with bootstrap intervals; paired differences and the win rate against the baseline
     win_by = "gold" if judge else "reward_model" if reward else ""

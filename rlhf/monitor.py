@@ -28,9 +28,13 @@ class Monitor:
         self.checks: list[dict[str, float]] = []
         self.samples: list[dict] = []
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is a check step."""
+        return bool(self.prompts) and (step % self.every == 0 or step == self.last_step)
+
     def __call__(self, policy, tokenizer, step: int) -> dict:
         """At a check step: score the held-out batch, warn, and → the metrics to log (`monitor/...`); else {}."""
-        if not self.prompts or not (step % self.every == 0 or step == self.last_step):
+        if not self.due(step):
             return {}
         rollout, scores = answer_and_score(policy, tokenizer, self.prompts, self.judge, self.reward, **self.sampling)
         check = {**{k: mean(v) for k, v in scores.items()}, "distinct2": repetition(rollout.texts)["distinct2"]}

@@ -6,6 +6,9 @@ the result is written as preference JSONL (`prompt`, `chosen`, `rejected`) that 
 The built-in annotator is the simulated one (`rlhf.annotators`), a noisy stand-in for a person.
 With `annotator: none` the responses are written unlabelled as candidates
 (`prompt`, `responses`) for people to label in `rlhf annotate`.
+Under torchrun each process answers its part of the prompts with a whole copy of the model (sampling needs no
+gradients or optimiser state to shard, and a whole copy samples without any collective per token); rank 0 gathers
+the answers, has them labelled and writes the file.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import config as cfg
+from rlhf import distributed
 from rlhf.data import fit_prompts, prompt_for_output, prompt_text, read_prompts, resolve_data_path, write_jsonl
 from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
@@ -48,9 +52,9 @@ def main(config: Config) -> dict:
         raise ValueError(f"n_responses must be at least 2 to make a pair, got {config.n_responses}")
     if config.annotator not in ("simulated", "none"):
         raise ValueError(f"annotator must be 'simulated' or 'none', got '{config.annotator}'")
-    seed_everything(config.seed)
+    seed_everything(config.seed + distributed.rank())  # each process its own random stream
     started = time.time()
-    device = pick_device(config.device)
+    device = distributed.start(pick_device(config.device))  # a process group under torchrun; nothing alone
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
 
@@ -67,12 +71,20 @@ def main(config: Config) -> dict:
     say(f"[pairs] {len(prompts)} prompts × {config.n_responses} responses from {model_path} ({lengths.truncated} "
         f"truncated, {lengths.skipped} skipped at max_prompt_length={config.max_prompt_length})")
 
-    # 2. sample every prompt n times in one batched pass
-    repeated = [p for p in prompts for _ in range(config.n_responses)]
-    rollout = sample(model, tokenizer, repeated, config.max_new_tokens, config.temperature,
-                     batch_size=config.batch_size, bf16=bf16, progress=True)
-    answers = [rollout.texts[i * config.n_responses:(i + 1) * config.n_responses] for i in range(len(prompts))]
-    ended = rollout.ended.tolist()
+    # 2. sample every prompt n times in one batched pass (under torchrun: this process's part of the prompts, then
+    #    every process's answers in prompt order)
+    mine = distributed.part_of(len(prompts))
+    repeated = [p for p in prompts[mine.start:mine.stop] for _ in range(config.n_responses)]
+    texts, ended = [], []
+    if repeated:
+        rollout = sample(model, tokenizer, repeated, config.max_new_tokens, config.temperature,
+                         batch_size=config.batch_size, bf16=bf16, progress=distributed.is_main())
+        texts, ended = rollout.texts, rollout.ended.tolist()
+    parts = distributed.gather_objects((texts, ended))
+    texts, ended = [t for part in parts for t in part[0]], [e for part in parts for e in part[1]]
+    answers = [texts[i * config.n_responses:(i + 1) * config.n_responses] for i in range(len(prompts))]
+    if not distributed.is_main():  # rank 0 labels and writes; no collective follows, so the others are done
+        return {"stage": "pairs", "responses": len(repeated)}
     say(f"[pairs] {sum(ended)}/{len(ended)} responses ended within {config.max_new_tokens} tokens")
 
     # 3. unlabelled candidates for people, or the simulated annotator's choices

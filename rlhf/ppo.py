@@ -22,6 +22,10 @@ batch. None of them has a value function. The KL to the reference goes in the re
 the loss (`kl_in: loss`, k3, GRPO's way); DAPO's options (Yu et al. 2025): `clip_low`/`clip_high`,
 `dynamic_sampling`, `loss_aggregation: token`, `overlong_buffer`. Rewards come from a reward model, Python reward
 functions (`reward_fn`, `rlhf.rewards`), or both summed. The equations are in `rlhf.losses`.
+
+Under torchrun (`rlhf.distributed`): each process samples and scores its part of the prompts with the weights
+gathered once per round, the log-probabilities of the batch are computed a part per process and exchanged, so that
+every statistic is the global batch's, and each mini-batch's update is split over the processes (FSDP2).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Iterator
 import torch
 
 from rlhf import config as cfg
-from rlhf import fast, losses
+from rlhf import distributed, fast, losses
 from rlhf.annotators import SimulatedAnnotator
 from rlhf.checkpoint import TrainingState, trim_metrics
 from rlhf.data import (
@@ -57,11 +61,11 @@ from rlhf.models import (
     check_writable,
     count_parameters,
     forward_logits,
+    gathered_for_saving,
     load_causal_lm,
     load_reward_model,
     load_reward_normalisation,
     load_tokenizer,
-    merged_for_saving,
     optimizer_and_schedule,
     resolve_model_path,
     save_atomic,
@@ -163,6 +167,11 @@ class Config:
     compile_decode: bool = cfg.field(True, "with compile: sampling's decode step compiled too (one more compile, "
                                            "~20 s, per batch size and cache-length bucket)")
     device: str = cfg.field("auto", "cpu, cuda or auto")
+    fsdp: distributed.Sharding = cfg.field("auto", "shard the policy's weights, gradients and optimiser state, and the "
+                                                   "frozen reference and reward model, over the processes with FSDP2: "
+                                                   "auto (with more than one process), true or false")
+    activation_checkpointing: bool = cfg.field(False, "recompute each decoder layer in the backward pass (less memory, "
+                                                      "about one more forward pass)")
     seed: int = cfg.field(0, "random seed")
     save_every: int = cfg.field(5, "save the whole training state every N steps (0 = only on SIGTERM/SIGINT)")
     keep_last: int = cfg.field(1, "training states kept (the newest)")
@@ -284,6 +293,10 @@ class Models:
 
 
 def load_models(config: Config, device, bf16: bool) -> Models:
+    """The models PPO needs, sharded with FSDP2 where `fsdp` says so: the policy, and the frozen reference and
+    reward model too, as large as the policy (a whole copy of each on every process would take back what sharding
+    the policy saved). Their frozen Linear weights stay fp32 then (FSDP shards one dtype per unit)."""
+    sharded = distributed.use_fsdp(config.fsdp)
     policy_path = resolve_model_path(config.policy)
     tokenizer = load_tokenizer(policy_path)
     policy = load_causal_lm(policy_path, device)
@@ -291,12 +304,13 @@ def load_models(config: Config, device, bf16: bool) -> Models:
     if config.lora_r > 0:
         policy = add_lora(policy, config.lora_r, config.lora_alpha)
     else:
-        reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=bf16)
+        reference = load_causal_lm(policy_path, device, trainable=False, bf16_linears=bf16 and not sharded)
     reward_path = reward_tokenizer = reward_model = None
     if uses_reward_model(config):
         reward_path = resolve_model_path(config.reward_model)
         reward_tokenizer = load_tokenizer(reward_path)
-        reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False, bf16_linears=bf16)
+        reward_model = load_reward_model(reward_path, device, reward_tokenizer, trainable=False,
+                                         bf16_linears=bf16 and not sharded)
     functions = WeightedRewards(config.reward_fn, config.reward_weights) if config.reward_fn else None
     # the value function, for GAE only: the critic-free advantages take their baseline from the other answers
     critic = value_head = None
@@ -312,9 +326,13 @@ def load_models(config: Config, device, bf16: bool) -> Models:
         torch.nn.init.zeros_(value_head.bias)
     if config.compile:
         fast.compile_layers(policy, reference, reward_model, critic)
+    trainable, total = count_parameters(policy)
+    # FSDP2 under torchrun (`fsdp`); the value head, a few thousand numbers, stays whole on every process
+    policy = distributed.parallel(policy, config, bf16, device)
+    reference = distributed.parallel(reference, config, bf16, device) if reference is not None else None
+    reward_model = distributed.parallel(reward_model, config, bf16, device) if reward_model is not None else None
     normalised = config.normalize_reward and reward_path is not None
     mean, std = load_reward_normalisation(reward_path) if normalised else (0.0, 1.0)
-    trainable, total = count_parameters(policy)
     sources = ([f"reward model {reward_path} (normalised with mean {mean:.3f}, std {std:.3f})"] if reward_path else [])
     sources += [f"reward functions {', '.join(config.reward_fn)}"] if functions else []
     say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), advantage "
@@ -358,6 +376,14 @@ def check(config: Config) -> None:
                          "module:function), or both")
     if config.reward_weights and len(config.reward_weights) != len(config.reward_fn):
         raise ValueError(f"{len(config.reward_fn)} reward functions but {len(config.reward_weights)} reward_weights")
+    if config.advantage == "gae" and config.critic == "model" and (distributed.world_size() > 1
+                                                                  or distributed.use_fsdp(config.fsdp)):
+        raise distributed.SettingError("critic: a separate critic model is not supported with more than one process "
+                                       "or FSDP yet; use critic: head")
+    if config.mini_batch_size < distributed.world_size():
+        raise distributed.SettingError(f"mini_batch_size: each of the {distributed.world_size()} processes takes a "
+                                       f"part of every mini-batch; mini_batch_size ({config.mini_batch_size}) must be "
+                                       f"at least that")
     if not uses_reward_model(config) and config.advantage == "gae" and config.critic == "model":
         raise ValueError("critic: model starts the critic from the reward model: give reward_model, or use "
                          "critic: head")
@@ -397,12 +423,8 @@ def sample_scored_batch(models: Models, config: Config, prompts: list[Messages],
         batch_prompts = [prompts[i] for i in index for _ in range(k)]
         batch_fields = {key: [fields[i].get(key) for i in index for _ in range(k)]
                         for key in sorted({key for i in index for key in fields[i]})}
-        began = time.time()
-        rollout = sample(models.policy, models.tokenizer, batch_prompts, config.max_new_tokens, config.temperature,
-                         batch_size=config.generation_batch_size, bf16=bf16,
-                         compiled=config.compile and config.compile_decode).to(device)
-        generation_seconds += time.time() - began
-        raw, scores, means = models.scores(batch_prompts, batch_fields, rollout, config, bf16, device)
+        rollout, raw, scores, means, seconds = sample_round(models, config, batch_prompts, batch_fields, bf16, device)
+        generation_seconds += seconds
         for name, value in means.items():
             function_means.setdefault(name, []).append(value)
         groups = list(range(len(index)))
@@ -432,6 +454,52 @@ def sample_scored_batch(models: Models, config: Config, prompts: list[Messages],
     return rollout, [p for _, prompts_kept, _, _ in kept for p in prompts_kept], raw, scores, extra
 
 
+def sample_round(models: Models, config: Config, batch_prompts: list[Messages], batch_fields: dict[str, list],
+                 bf16: bool, device):
+    """One round of sampling and scoring. Each process answers its part of the round's prompts (whole groups: a
+    group's baseline needs all its answers), with the policy's whole weights gathered once for the round and then
+    the reward model's (`distributed.gathered`: no collective per token), and every process gets the whole round
+    back in prompt order. → (rollout, the reward model's raw scores (None without one), the scores optimised, each
+    reward function's mean, seconds spent sampling)."""
+    k = config.group_size
+    groups = distributed.part_of(len(batch_prompts) // k)
+    rows = slice(groups.start * k, groups.stop * k)
+    prompts_here = batch_prompts[rows]  # empty on a process left idle by a round of fewer prompts than processes
+    fields_here = {key: values[rows] for key, values in batch_fields.items()}
+    began = time.time()
+    rollout = raw = scores = None
+    means: dict[str, float] = {}
+    with distributed.gathered(models.policy):
+        if prompts_here:
+            rollout = sample(models.policy, models.tokenizer, prompts_here, config.max_new_tokens, config.temperature,
+                             batch_size=config.generation_batch_size, bf16=bf16,
+                             compiled=config.compile and config.compile_decode).to(device)
+    seconds = time.time() - began
+    with distributed.gathered(models.reward_model):
+        if rollout is not None:
+            raw, scores, means = models.scores(prompts_here, fields_here, rollout, config, bf16, device)
+    if not distributed.is_distributed():
+        return rollout, raw, scores, means, seconds
+    mine = (rollout.to("cpu"), None if raw is None else raw.cpu(), scores.cpu(), means, len(prompts_here)) \
+        if rollout is not None else None
+    parts = [part for part in distributed.gather_objects(mine) if part is not None]
+    rollout = concatenate([part[0] for part in parts], models.tokenizer.pad_token_id).to(device)
+    raw = torch.cat([part[1] for part in parts]).to(device) if parts[0][1] is not None else None
+    scores = torch.cat([part[2] for part in parts]).to(device)
+    answers = sum(part[4] for part in parts)
+    means = {name: sum(part[3][name] * part[4] for part in parts) / answers for name in parts[0][3]}
+    return rollout, raw, scores, means, seconds
+
+
+def rows_of_every_process(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each tensor's rows from every process, in rank order (the whole batch on every process; None stays None);
+    the tensors themselves with one process."""
+    if not distributed.is_distributed():
+        return list(tensors)
+    parts = distributed.gather_objects([None if t is None else t.detach().cpu() for t in tensors])
+    return [None if t is None else torch.cat([part[i] for part in parts]).to(t.device) for i, t in enumerate(tensors)]
+
+
 def main(config: Config) -> dict:
     """Train, save, and return the summary (the whole of `training`)."""
     return run_to_end(training(config))
@@ -442,8 +510,10 @@ def training(config: Config) -> Iterator[dict]:
     value (StopIteration.value) is the summary, after the policy is saved. The benchmark steps it one iteration
     at a time; `main` runs it through."""
     check(config)
-    seed_everything(config.seed)
-    device = pick_device(config.device)
+    # under torchrun each process samples its own answers: its own random stream (the prompts' order, drawn by `rng`
+    # below, is the same everywhere)
+    seed_everything(config.seed + distributed.rank())
+    device = distributed.start(pick_device(config.device))  # a process group under torchrun; nothing alone
     bf16 = resolve_bf16(config.bf16, device)
     out = Path(config.output_dir)
     check_writable(out)
@@ -469,7 +539,9 @@ def training(config: Config) -> Iterator[dict]:
     # one epoch over one mini-batch: the update's forward pass is the rollout's own (the policy has not changed
     # in between), so its graph is kept and nothing runs twice
     reuse_forward = (config.reuse_rollout_forward and config.ppo_epochs == 1
-                     and config.mini_batch_size == config.batch_size)
+                     and config.mini_batch_size == config.batch_size and not distributed.is_distributed())
+    # with FSDP (or processes) the gradients are summed by `distributed.clip_gradients`, the value head's with them
+    shared_gradients = distributed.is_distributed() or distributed.is_sharded(policy)
     # a separate critic's backward beside the policy's, a share of the cores each (`rlhf.fast.lanes`)
     lanes = fast.SideBySide(config.side_by_side and device.type == "cpu") if models.critic is not None else None
     beta, rng, order, samples, history = config.beta, random.Random(config.seed), [], [], []
@@ -487,7 +559,8 @@ def training(config: Config) -> Iterator[dict]:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", initial=start, total=config.steps)
+    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", initial=start, total=config.steps,
+               disable=not distributed.is_main())
     state.watch_signals()
     clip_low, clip_high = config.clip_low or config.clip, config.clip_high or config.clip
     aggregate = AGGREGATIONS[config.loss_aggregation]
@@ -504,12 +577,16 @@ def training(config: Config) -> Iterator[dict]:
         mask = rollout.response_mask
 
         # 3. KL-shaped reward: π_old log-probs and values from the policy, π_ref log-probs from the reference
-        #    (kl_in: loss keeps the KL out of the reward: it is a loss term in step 5)
+        #    (kl_in: loss keeps the KL out of the reward: it is a loss term in step 5); under torchrun each process
+        #    computes its rows of the batch, and every process then holds all of them
+        rows = distributed.part_of(rollout.response_ids.shape[0])
+        rows_here = rollout.select(slice(rows.start, rows.stop)) if distributed.is_distributed() else rollout
         with torch.set_grad_enabled(reuse_forward):
-            rollout_logprobs, rollout_values, entropy = models.policy_forward(rollout, config, bf16, device, True)
-        old_logprobs = rollout_logprobs.detach()
-        old_values = rollout_values.detach() if rollout_values is not None else None
-        ref_logprobs = models.reference_logprobs(rollout, config, bf16, device)
+            rollout_logprobs, rollout_values, entropy = models.policy_forward(rows_here, config, bf16, device, True)
+        ref_logprobs = models.reference_logprobs(rows_here, config, bf16, device)
+        old_logprobs, old_values, entropy, ref_logprobs = rows_of_every_process(
+            rollout_logprobs.detach(), rollout_values.detach() if rollout_values is not None else None, entropy,
+            ref_logprobs)
         kl = zero_outside((losses.kl_k1 if config.kl_estimator == "k1" else losses.kl_k3)(old_logprobs, ref_logprobs),
                           mask)  # not `* mask`: an Inf past EOS times 0 is NaN
         reward_beta = beta if config.kl_in == "reward" else 0.0
@@ -531,9 +608,12 @@ def training(config: Config) -> Iterator[dict]:
         # 5. update: several epochs of clipped policy + value loss on shuffled mini-batches
         update_stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
-            permutation = torch.randperm(config.batch_size, device=device)
+            # one order for every process (rank 0's draw); each process takes its rows of each mini-batch
+            permutation = distributed.from_rank0(torch.randperm(config.batch_size, device=device))
             for first in range(0, config.batch_size, config.mini_batch_size):
                 index = permutation[first:first + config.mini_batch_size]
+                mine = distributed.part_of(len(index))
+                index = index[mine.start:mine.stop]
                 part = rollout.select(index)
                 if reuse_forward:  # step 3's graph, rows in the same shuffled order
                     logprobs = rollout_logprobs[index]
@@ -548,13 +628,27 @@ def training(config: Config) -> Iterator[dict]:
                     kl_term = losses.kl_loss(logprobs, ref_logprobs[index], part.response_mask, aggregate,
                                              **aggregate_args)
                     pg_loss, stats["kl_loss"] = pg_loss + beta * kl_term, kl_term.detach()
-                terms = [(pg_loss, policy_parameters)]
+                # under torchrun: this process's share of the mini-batch's mean (over its tokens, or its answers for
+                # the per-answer aggregations), so that the gradients summed over the processes are the mean's
+                tokens = part.response_mask.sum()
+                answers_or_tokens = tokens if config.loss_aggregation == "token" else len(index)
+                terms = [(distributed.share_of_global_mean(pg_loss, answers_or_tokens), policy_parameters)]
                 if values is not None:  # PPO's critic: the clipped value loss
                     vf_loss, vf_stats = losses.ppo_value_loss(values, old_values[index], returns[index],
                                                               part.response_mask, config.value_clip)
-                    terms.append((config.vf_coef * vf_loss, critic_parameters))
+                    terms.append((config.vf_coef * distributed.share_of_global_mean(vf_loss, tokens),
+                                  critic_parameters))
                     stats.update({**vf_stats, "value_loss": vf_loss.detach()})
-                stats["grad_norm"] = fast.backward_and_clip(terms, 1.0, lanes)
+                # the mini-batch's stats on every process: the losses are means over what they aggregate, the
+                # rest (clip fraction, ratio, value error) over tokens
+                aggregated = {k: stats.pop(k) for k in ("policy_loss", "kl_loss") if k in stats}
+                stats = {**distributed.weighted_mean(aggregated, answers_or_tokens),
+                         **distributed.weighted_mean(stats, tokens)}
+                if shared_gradients:
+                    sum(loss for loss, _ in terms).backward()
+                    stats["grad_norm"] = distributed.clip_gradients(policy, 1.0, critic_parameters)
+                else:
+                    stats["grad_norm"] = fast.backward_and_clip(terms, 1.0, lanes)
                 checked = {k: stats[k] for k in ("policy_loss", "value_loss", "grad_norm") if k in stats}
                 if bad_steps.ok(step, **checked):
                     optimizer.step()  # else no update: the weights stay those of the last good one
@@ -580,9 +674,16 @@ def training(config: Config) -> Iterator[dict]:
             **{k: sum(v) / len(v) for k, v in update_stats.items()}, **sampling_stats,
             "lr": schedule.get_last_lr()[0], "step_seconds": time.time() - step_started,
         }
-        gold_scores = gold.gold_scores([prompt_text(p) for p in batch_prompts], rollout.texts) if gold else None
+        gold_scores = None
+        if gold:  # each process judges its rows
+            gold_scores = gold.gold_scores([prompt_text(p) for p in batch_prompts[rows.start:rows.stop]],
+                                           rollout.texts[rows.start:rows.stop])
+            gold_scores = [s for part in distributed.gather_objects(gold_scores) for s in part]
         metrics.update({"gold_score": sum(gold_scores) / len(gold_scores)} if gold_scores else {})
-        row = log.log(step, {**metrics, **monitor(policy, tokenizer, step)})
+        # the monitor answers its held-out prompts on rank 0, with the weights gathered on every process
+        with distributed.gathered(*((policy, models.reward_model) if monitor.due(step) else ())):
+            checks = monitor(policy, tokenizer, step) if distributed.is_main() else {}
+        row = log.log(step, {**metrics, **checks})
         history.append(row)
         bar.set_postfix(score=f"{row['score']:.2f}", kl=f"{row['kl']:.2f}",
                         gold=f"{row.get('gold_score', float('nan')):.3f}")
@@ -600,9 +701,11 @@ def training(config: Config) -> Iterator[dict]:
 
     # 8. save the policy (LoRA merged) as a plain causal-LM folder; the value head beside it, or a separate critic
     #    as a sequence-classifier folder inside it (critic/): the trained value function is not thrown away
-    write_jsonl(log.out_dir / "samples.jsonl", samples)
+    if distributed.is_main():
+        write_jsonl(log.out_dir / "samples.jsonl", samples)
     summary = save(config, models, out, history, beta, time.time() - started)
     state.finished()
+    distributed.barrier()
     return summary
 
 
@@ -618,7 +721,10 @@ def save(config: Config, models: Models, out: Path, history: list[dict], beta: f
     summary = {"stage": "ppo", "advantage": config.advantage, "steps": config.steps, "final_beta": beta,
                "first": {k: history[0].get(k) for k in keys}, "last": {k: history[-1].get(k) for k in keys},
                "seconds": round(seconds, 1)}
-    save_atomic(out, model=merged_for_saving(models.policy), tokenizer=models.tokenizer,
+    final = gathered_for_saving(models.policy)  # the whole weights on rank 0 (LoRA merged), from every process
+    if final is None:
+        return summary
+    save_atomic(out, model=final, tokenizer=models.tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary},
                 tensors={"value_head.safetensors": models.value_head.state_dict()} if models.value_head else None,
                 subfolders={"critic": (models.critic, models.reward_tokenizer)} if models.critic is not None else None)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf import checkpoint, distributed, dpo, reward, sft
+from rlhf import checkpoint, distributed, dpo, ppo, reward, sft
 from rlhf.tracking import read_jsonl
 
 DEMOS = [{"prompt": f"Explain {t} to a 10-year-old.", "completion": f"{t.capitalize()} is {'a thing ' * (i % 3)}in "
@@ -28,15 +28,43 @@ STAGES = {"sft": sft, "reward": reward, "dpo": dpo}
 SETTINGS = {"sft": {"epochs": 1.5}, "reward": {"epochs": 1.125, "eval_fraction": 0.0},
             "dpo": {"epochs": 1.125, "eval_fraction": 0.0}}
 
+# Answers that depend only on the prompt and the answer's place in its group, never on the weights or the random
+# stream: one process and two processes then train on the same rollout batch, and their updates can be compared
+FAKE_SAMPLING = """
+import torch
+from rlhf.data import encode_prompt, pad_left
+from rlhf.rollout import Rollout, stop_ids, truncate_at_eos
+
+def sample(model, tokenizer, prompts, max_new_tokens, temperature=0.7, **kwargs):
+    seen, responses = {}, []
+    for messages in prompts:
+        text = str(messages)
+        place = seen[text] = seen.get(text, -1) + 1
+        code = sum(map(ord, text)) + 7 * place
+        length = min(max_new_tokens, 2 + code % 5)
+        answer = [10 + (code * (j + 3)) % 40 for j in range(length)]
+        responses.append(answer[:-1] + [stop_ids(model, tokenizer)[0]] if code % 3 else answer)
+    prompt_ids, prompt_mask = pad_left([encode_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
+    width = max(len(r) for r in responses)
+    padded = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in responses])
+    response_ids, response_mask, ended = truncate_at_eos(padded, stop_ids(model, tokenizer), tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, ended, [t.strip() for t in texts])
+"""
+
 # Run under torchrun: records each rank's local parameter and optimiser sizes before the final save, and with
 # FAIL_RANK set that rank raises in the middle of step 1 (after its backward pass, while the other waits for it)
 DRIVER = """
 import json, os, sys
 from torch.distributed.fsdp import FSDPModule
-from rlhf import cli, distributed, dpo, guard, reward, sft
+from rlhf import cli, distributed, dpo, guard, ppo, reward, sft
 record, fail_rank = os.environ["RECORD_DIR"], int(os.environ.get("FAIL_RANK", -1))
+if os.environ.get("FAKE_SAMPLING"):
+    import fake_sampling
+    ppo.sample = fake_sampling.sample
 optimizers = []
-for stage in (sft, reward, dpo):
+for stage in (sft, reward, dpo, ppo):
     def optimizer_and_schedule(*args, _make=stage.optimizer_and_schedule, **kwargs):
         made = _make(*args, **kwargs)
         optimizers.append(made[0])
@@ -61,14 +89,21 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, tiny_model):
     folder = tmp_path_factory.mktemp("distributed-data")
     paths = {}
     for name, rows in (("demos", DEMOS), ("pairs", PAIRS)):
         paths[name] = folder / f"{name}.jsonl"
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "driver.py").write_text(DRIVER)
+    (folder / "fake_sampling.py").write_text(FAKE_SAMPLING)
     paths["driver"] = folder / "driver.py"
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": d["prompt"]}) + "\n" for d in DEMOS))
+    paths["prompts"] = prompts
+    paths["reward"], paths["tiny_model"] = folder / "reward", tiny_model
+    reward.main(reward.Config(model=str(tiny_model), data=str(paths["pairs"]), output_dir=str(paths["reward"]),
+                              batch_size=4, lr=1e-3, bf16=False, save_every=0))
     return paths
 
 
@@ -135,6 +170,110 @@ def test_two_processes_take_the_steps_of_one(stage, tiny_model, files, tmp_path)
     for rank_sizes in sizes:
         assert 0.4 * full < rank_sizes["parameters"] < 0.6 * full, sizes
         assert rank_sizes["optimizer"] == 2 * rank_sizes["parameters"], sizes
+
+
+PPO_SETTINGS = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 6, "lr": 1e-3,
+                "bf16": False, "device": "cpu", "gold": False, "save_every": 0, "seed": 3, "monitor_every": 0}
+ADVANTAGES = {"gae": {}, "grpo": {"advantage": "grpo", "group_size": 2, "kl_in": "loss",
+                                  "loss_aggregation": "sequence"}}
+
+
+def ppo_settings(files, **changes) -> dict:
+    return {"policy": str(files["tiny_model"]), "reward_model": str(files["reward"]), "data": str(files["prompts"]),
+            **PPO_SETTINGS, **changes}
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_two_processes_take_the_ppo_update_of_one(advantage, files, tmp_path, monkeypatch):
+    """Given the same rollout batches (answers that do not depend on the weights), the PPO update at 2 processes is
+    the update of 1: the same scores, KL, losses, gradient norms and final weights (value head included). Each
+    process samples and scores its half of the prompts, computes its half of the log-probabilities, and takes half
+    of every mini-batch."""
+    monkeypatch.syspath_prepend(str(files["driver"].parent))
+    import fake_sampling
+
+    monkeypatch.setattr(ppo, "sample", fake_sampling.sample)
+    values = ppo_settings(files, **ADVANTAGES[advantage])
+    one = tmp_path / "one"
+    ppo.main(ppo.Config(**values, output_dir=str(one)))
+    two = tmp_path / "two"
+    args = [str(files["driver"]), "ppo", *[f"--{k}={v}" for k, v in values.items()], f"--output_dir={two}"]
+    result = torchrun(args, tmp_path, FAKE_SAMPLING=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    rows_one = read_jsonl(tmp_path / "one_logs" / "metrics.jsonl")
+    rows_two = read_jsonl(tmp_path / "two_logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows_two] == [0, 1] == [r["step"] for r in rows_one]
+    keys = ["score", "kl", "response_length", "total_reward", "policy_loss", "clipfrac", "grad_norm", "ratio"]
+    keys += ["value_loss", "returns"] if advantage == "gae" else ["kl_loss", "advantage_abs"]
+    for key in keys:
+        a, b = torch.tensor([r[key] for r in rows_one]), torch.tensor([r[key] for r in rows_two])
+        assert torch.isfinite(a).all() and (a - b).abs().max() <= 1e-5 * a.abs().max().clamp(min=1), (key, a, b)
+    assert rows_one[1]["kl"] > 0  # the first step moved the policy away from the reference
+
+    start = load_file(str(files["tiny_model"] / "model.safetensors"))
+    weights_one, weights_two = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    largest = max(w.abs().max().item() for w in weights_one.values())
+    moved = max((weights_one[k] - start[k]).abs().max().item() for k in weights_one if k in start)
+    difference = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
+    # Adam divides each gradient by its own running size, so a weight whose gradient is at float-noise level moves
+    # by up to lr either way: the weights agree to a small part of how far they moved, not to 1e-6 (measured:
+    # 1.7e-5 for GRPO, ~1e-7 for GAE, against moves of 5e-3 at lr 1e-3)
+    print(f"{advantage}: largest weight difference {difference:.2e}, largest move {moved:.2e}")
+    assert difference < moved / 100 and moved > 1e-3, (difference, largest, moved)
+    if advantage == "gae":
+        head_one, head_two = (load_file(str(d / "value_head.safetensors")) for d in (one, two))
+        assert max((head_one[k] - head_two[k]).abs().max().item() for k in head_one) < 1e-5
+        assert head_one["weight"].abs().max() > 0  # the zero-initialised head learnt something
+
+    # the policy sharded: each rank holds about half of it and of its Adam moments (plus the whole value head)
+    sizes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    full = sizes[0]["full_parameters"]
+    for rank_sizes in sizes:
+        assert 0.4 * full < rank_sizes["parameters"] < 0.6 * full, sizes
+
+
+def test_a_whole_ppo_run_at_two_processes_samples_its_own_answers(files, tmp_path):
+    """Real sampling at 2 processes (each its own prompts, with the weights gathered once per round), a critic-free
+    advantage with dynamic sampling, and the monitor (rank 0, weights gathered): finite metrics and one checkpoint
+    that plain transformers loads."""
+    values = ppo_settings(files, advantage="rloo", group_size=2, dynamic_sampling=True, monitor_every=1,
+                          monitor_size=4, monitor_prompts=str(files["prompts"]), monitor_judge=str(files["reward"]))
+    out = tmp_path / "run"
+    result = torchrun([str(files["driver"]), "ppo", *[f"--{k}={v}" for k, v in values.items()],
+                       f"--output_dir={out}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "run_logs" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    for key in ("score", "kl", "policy_loss", "grad_norm", "response_length", "monitor/reward_model"):
+        assert all(torch.isfinite(torch.tensor(float(r[key]))) for r in rows), key
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run", "run_logs"]
+
+
+def test_pairs_and_eval_at_two_processes_answer_every_prompt_once_in_order(files, tmp_path):
+    """`rlhf pairs` and `rlhf eval` under torchrun: each process answers its part of the prompts; rank 0 writes one
+    file with every prompt once, in the order of the prompts file, as one process would."""
+    prompts = [json.loads(line)["prompt"] for line in files["prompts"].read_text().splitlines()]
+    common = ["--max_new_tokens=6", "--bf16=False", "--device=cpu", f"--data={files['prompts']}"]
+    result = torchrun([str(files["driver"]), "pairs", f"--model={files['tiny_model']}", "--annotator=none",
+                       "--n_responses=2", f"--output_dir={tmp_path / 'pairs'}", *common], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "pairs" / "candidates.jsonl")
+    assert [r["prompt"] for r in rows] == prompts and all(len(r["responses"]) == 2 for r in rows)
+
+    result = torchrun([str(files["driver"]), "eval", f"--models={files['tiny_model']}", f"--judge={files['reward']}",
+                       f"--harmful_prompts={files['prompts']}", f"--output_dir={tmp_path / 'eval'}", *common],
+                      tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["prompts"] == len(prompts) and results["behaviour_prompts"] == {"harmful": len(prompts)}
+    samples = read_jsonl(tmp_path / "eval" / "samples.jsonl")
+    assert [r["prompt"] for r in samples] == prompts
+    assert len(read_jsonl(tmp_path / "eval" / "harmful_samples.jsonl")) == len(prompts)
+    assert all(isinstance(r[f"{files['tiny_model']}_gold"], float) for r in samples)
 
 
 def test_a_failing_rank_stops_the_run_with_its_error_shown_once(tiny_model, files, tmp_path):
