@@ -178,7 +178,8 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny", "qwen2-0.5b"))
     parser.add_argument("--stages", default="sft,ppo")
     parser.add_argument("--processes", default="1,2", help="numbers of processes, e.g. 1,2")
-    parser.add_argument("--fsdp", default="auto", help="auto (sharded with more than one process), true, false, or a list: true,false")
+    parser.add_argument("--fsdp", default="auto", help="auto (sharded with more than one process), true, false, "
+                                                       "or a list: true,false")
     parser.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: 8 on the CPU, 64 on a GPU)")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="the chip's dense bf16 peak, for MFU")
