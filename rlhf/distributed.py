@@ -213,14 +213,13 @@ def parallel(model: torch.nn.Module, config, bf16: bool, device: torch.device,
     """A stage's model made ready for its processes, by its config's `fsdp` and `activation_checkpointing`: layers
     recomputed in the backward pass if asked, then sharded with FSDP2 (`shard_model`) if `fsdp` says so (`auto`:
     with more than one process). Without sharding, several processes each keep a full copy (`clip_gradients` sums
-    their gradients). What is not supported under FSDP yet is refused by name: LoRA (`lora_r`) and `compile`."""
+    their gradients). What is not supported under FSDP yet is refused by name: `compile`. With LoRA the frozen base
+weights are sharded with the adapter beside them (FSDP2 shards frozen and trained parameters of one unit alike),
+and only the adapter is trained."""
     if config.activation_checkpointing:
         checkpoint_activations(model)
     if not use_fsdp(config.fsdp):
         return model
-    if getattr(config, "lora_r", 0) > 0:
-        raise SettingError("fsdp: LoRA (lora_r > 0) is not supported with FSDP yet; use fsdp: false (each "
-                           "process keeps the whole model and the gradients are summed) or lora_r: 0")
     if getattr(config, "compile", False):
         raise SettingError("fsdp: compile: true is not supported with FSDP yet; use compile: false or fsdp: "
                            "false")

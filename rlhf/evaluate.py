@@ -168,7 +168,8 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
         if config.show and distributed.is_main():
             shown[name] = sample_seeded(model, tokenizer, [[{"role": "user", "content": q}] for q in config.show],
                                         *settings).texts
-    if not distributed.is_main():  # rank 0 has every answer; no collective follows
+    if not distributed.is_main():  # rank 0 has every answer and writes the results; the others wait for them
+        distributed.barrier()
         return {}
 
     # 3. statistics: means with bootstrap intervals; paired differences and the win rate against the baseline
@@ -225,4 +226,5 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
                                                      **{f"{n}_{flag}": by_model[n][i][1] for n in config.models}}
                                                     for i, p in enumerate(behaviour_prompts[kind])))
     say(format_result(result, names))
+    distributed.barrier()
     return result

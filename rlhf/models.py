@@ -9,6 +9,7 @@ we convert it once into a cache folder of plain safetensors and load that afterw
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -358,8 +359,6 @@ def optimizer_and_schedule(params, lr: float, weight_decay: float, total_steps: 
 def merged_for_saving(model):
     """A LoRA model is saved merged, so that plain transformers loads the checkpoint."""
     if hasattr(model, "merge_and_unload"):
-        import copy
-
         return copy.deepcopy(model).merge_and_unload()
     return model
 
@@ -375,12 +374,23 @@ def gathered_for_saving(model):
     weights = distributed.full_state_dict(model)
     if not distributed.is_main():
         return None
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
+    lora = hasattr(model, "merge_and_unload")  # a peft model: rebuilt with its adapter, then merged
+    base = model.get_base_model() if lora else model
+    cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # fully_shard subclassed it
+    config = copy.deepcopy(base.config)  # the live model's own stays as it is
+    tied = getattr(config, "tie_word_embeddings", False)
     with torch.device("meta"):  # no memory and no random init for weights about to be replaced
-        plain = cls(model.config)
+        plain = cls(config)
+        if lora:
+            from peft import get_peft_model
+
+            plain = get_peft_model(plain, model.peft_config["default"])
     plain.load_state_dict(weights, assign=True, strict=True)
+    if lora:
+        plain = plain.merge_and_unload()
+        plain.config.tie_word_embeddings = tied  # loading the gathered head apart from the embeddings untied them
     plain.tie_weights()
-    for name, buffer in model.named_buffers():  # non-persistent buffers (rotary frequencies) are not in a state dict
+    for name, buffer in base.named_buffers():  # non-persistent buffers (rotary frequencies) are not in a state dict
         if plain.get_buffer(name).is_meta:
             module, _, leaf = name.rpartition(".")
             plain.get_submodule(module).register_buffer(leaf, buffer.detach().cpu().clone(), persistent=False)

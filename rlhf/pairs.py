@@ -83,7 +83,8 @@ def main(config: Config) -> dict:
     parts = distributed.gather_objects((texts, ended))
     texts, ended = [t for part in parts for t in part[0]], [e for part in parts for e in part[1]]
     answers = [texts[i * config.n_responses:(i + 1) * config.n_responses] for i in range(len(prompts))]
-    if not distributed.is_main():  # rank 0 labels and writes; no collective follows, so the others are done
+    if not distributed.is_main():  # rank 0 labels and writes; the others wait for the file (a pipeline reads it next)
+        distributed.barrier()
         return {"stage": "pairs", "responses": len(repeated)}
     say(f"[pairs] {sum(ended)}/{len(ended)} responses ended within {config.max_new_tokens} tokens")
 
@@ -117,4 +118,5 @@ def main(config: Config) -> dict:
     summary["ended_fraction"] = round(sum(ended) / max(1, len(ended)), 3)
     write_jsonl(out / "summary.jsonl", [summary])
     say(f"[pairs] wrote {summary['file']} ({summary['seconds']} s)")
+    distributed.barrier()
     return summary

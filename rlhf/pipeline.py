@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import config as cfg
-from rlhf import dpo, evaluate, pairs, ppo, reward, sft, wiring
+from rlhf import distributed, dpo, evaluate, pairs, ppo, reward, sft, wiring
 from rlhf.hardware import Precision
 from rlhf.results import format_result
 from rlhf.tracking import say
@@ -76,12 +76,15 @@ def stage_configs(config: Config) -> dict[str, Any]:
 def main(config: Config) -> dict:
     run = Path(config.output_dir)
     run.mkdir(parents=True, exist_ok=True)
-    cfg.save(config, run / "config.yaml")
+    if distributed.is_main():
+        cfg.save(config, run / "config.yaml")
     configs = stage_configs(config)
     names = {config.model: "as shipped", **{str(run / stage): label for stage, label in NAMES.items()}}
     runners = {name: functools.partial(evaluate.main, names=names) if name == "eval" else STAGES[name].main
                for name in configs}
     results, ran = wiring.run_road({name: (runners[name], c) for name, c in configs.items()}, run / "stages")
+    if not distributed.is_main():  # under torchrun: rank 0 reports
+        return results
     if "eval" not in ran:  # nothing ran this time: show the finished run's table again
         say(format_result(results["eval"], names=names))
     say(road_times(results, METHODS[config.method]))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf import config as cfg
+from rlhf import distributed
 from rlhf.tracking import say
 
 
@@ -76,11 +77,13 @@ def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, 
             return done.get("result"), False
         say(f"[{road}] {name}: {reason}; rerunning it and the stages after it")
     result = run(config)
-    markers.mkdir(parents=True, exist_ok=True)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": wanted, "inputs": input_fingerprints(config), "result": result}, indent=2,
-                              default=str))
-    tmp.replace(marker)
+    if distributed.is_main():  # under torchrun: rank 0's result, written once; every stage ends with the processes
+        markers.mkdir(parents=True, exist_ok=True)  # together, so they all took the same decisions up to here
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"config": wanted, "inputs": input_fingerprints(config), "result": result},
+                                  indent=2, default=str))
+        tmp.replace(marker)
+    distributed.barrier()
     return result, True
 
 

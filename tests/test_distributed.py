@@ -172,6 +172,32 @@ def test_two_processes_take_the_steps_of_one(stage, tiny_model, files, tmp_path)
         assert rank_sizes["optimizer"] == 2 * rank_sizes["parameters"], sizes
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_lora_under_fsdp_takes_the_steps_of_one_process(stage, tiny_model, files, tmp_path):
+    """LoRA with FSDP2 at 2 processes (the frozen base sharded with the adapter beside it; DPO's reference is the
+    base with the adapter off): the same losses as one process, and one merged folder with the same weights."""
+    values = {**settings(stage, tiny_model, files), "lora_r": 4, "lr": 1e-2}
+    module = STAGES[stage]
+    one = tmp_path / "one"
+    module.main(module.Config(**values, output_dir=str(one)))
+    two = tmp_path / "two"
+    result = torchrun([str(files["driver"]), stage, *[f"--{k}={v}" for k, v in values.items()],
+                       f"--output_dir={two}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows_one = [r for r in read_jsonl(tmp_path / "one_logs" / "metrics.jsonl") if "loss" in r]
+    rows_two = [r for r in read_jsonl(tmp_path / "two_logs" / "metrics.jsonl") if "loss" in r]
+    a, b = torch.tensor([r["loss"] for r in rows_one]), torch.tensor([r["loss"] for r in rows_two])
+    assert len(a) == len(b) == 3 and relative_difference(a, b) < 1e-5, (a, b)
+    start = load_file(str(tiny_model / "model.safetensors"))
+    weights_one, weights_two = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert sorted(weights_one) == sorted(weights_two)  # merged: plain weight names, no adapter left
+    moved = max((weights_one[k] - start[k]).abs().max().item() for k in weights_one if k in start)
+    difference = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
+    assert difference < moved / 100 and moved > 1e-4, (difference, moved)
+    sizes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sizes[0]["parameters"] + sizes[1]["parameters"] == sizes[0]["full_parameters"]
+
+
 PPO_SETTINGS = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 6, "lr": 1e-3,
                 "bf16": False, "device": "cpu", "gold": False, "save_every": 0, "seed": 3, "monitor_every": 0}
 ADVANTAGES = {"gae": {}, "grpo": {"advantage": "grpo", "group_size": 2, "kl_in": "loss",
@@ -233,12 +259,14 @@ def test_two_processes_take_the_ppo_update_of_one(advantage, files, tmp_path, mo
         assert 0.4 * full < rank_sizes["parameters"] < 0.6 * full, sizes
 
 
-def test_a_whole_ppo_run_at_two_processes_samples_its_own_answers(files, tmp_path):
+@pytest.mark.parametrize("changes", [{"advantage": "rloo", "group_size": 2, "dynamic_sampling": True},
+                                     {"lora_r": 4}], ids=["rloo-dynamic-sampling", "gae-lora"])
+def test_a_whole_ppo_run_at_two_processes_samples_its_own_answers(changes, files, tmp_path):
     """Real sampling at 2 processes (each its own prompts, with the weights gathered once per round), a critic-free
-    advantage with dynamic sampling, and the monitor (rank 0, weights gathered): finite metrics and one checkpoint
-    that plain transformers loads."""
-    values = ppo_settings(files, advantage="rloo", group_size=2, dynamic_sampling=True, monitor_every=1,
-                          monitor_size=4, monitor_prompts=str(files["prompts"]), monitor_judge=str(files["reward"]))
+    advantage with dynamic sampling or PPO with LoRA (the reference: the sharded policy with its adapter off), and
+    the monitor (rank 0, weights gathered): finite metrics and one checkpoint that plain transformers loads."""
+    values = ppo_settings(files, **changes, monitor_every=1, monitor_size=4, monitor_prompts=str(files["prompts"]),
+                          monitor_judge=str(files["reward"]))
     out = tmp_path / "run"
     result = torchrun([str(files["driver"]), "ppo", *[f"--{k}={v}" for k, v in values.items()],
                        f"--output_dir={out}"], tmp_path)
@@ -276,6 +304,37 @@ def test_pairs_and_eval_at_two_processes_answer_every_prompt_once_in_order(files
     assert all(isinstance(r[f"{files['tiny_model']}_gold"], float) for r in samples)
 
 
+def test_the_tiny_pipeline_runs_at_two_processes_and_a_rerun_skips_it(files, tmp_path):
+    """`rlhf pipeline` under torchrun: every stage at 2 processes, one set of checkpoints and stage markers written
+    by rank 0, the eval table printed once; run again, every process skips every stage."""
+    import yaml
+
+    run = tmp_path / "run"
+    stages = {"sft": {"epochs": 0.1, "batch_size": 8, "lr": 1e-3}, "pairs": {"max_prompts": 16, "max_new_tokens": 8},
+              "reward": {"batch_size": 8, "lr": 1e-3},
+              "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 8, "lr": 1e-4},
+              "dpo": {"batch_size": 4, "lr": 1e-3}, "eval": {"max_prompts": 8, "max_new_tokens": 8}}
+    for name in ("sft", "reward", "ppo", "dpo"):
+        stages[name]["save_every"] = 0
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(run), "model": str(files["tiny_model"]), "bf16": False,
+                                      "method": "both", **stages}))
+    result = torchrun([str(files["driver"]), "pipeline", "--config", str(config)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("gold win rate") == 1, result.stdout[-3000:]
+    assert sorted(p.stem for p in (run / "stages").iterdir()) == ["dpo", "eval", "pairs", "ppo", "reward", "sft"]
+    eval_rows = json.loads((run / "eval" / "results.json").read_text())["rows"]
+    assert len(eval_rows) == 3 and all("win_rate" in row for row in eval_rows[1:])
+    from transformers import AutoModelForCausalLM
+
+    for stage in ("sft", "ppo", "dpo"):
+        AutoModelForCausalLM.from_pretrained(run / stage)
+
+    again = torchrun([str(files["driver"]), "pipeline", "--config", str(config)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier, skipped") == 6, again.stdout[-3000:]
+
+
 def test_a_failing_rank_stops_the_run_with_its_error_shown_once(tiny_model, files, tmp_path):
     values = settings("sft", tiny_model, files)
     args = [str(files["driver"]), "sft", *[f"--{k}={v}" for k, v in values.items()], f"--output_dir={tmp_path / 'out'}"]
@@ -288,9 +347,9 @@ def test_a_failing_rank_stops_the_run_with_its_error_shown_once(tiny_model, file
 
 
 def test_settings_that_do_not_work_with_processes_are_refused_by_name(tiny_model, files, tmp_path, monkeypatch):
-    with pytest.raises(distributed.SettingError, match="fsdp: LoRA"):
-        sft.main(sft.Config(**{**settings("sft", tiny_model, files), "lora_r": 4, "fsdp": True},
-                            output_dir=str(tmp_path / "lora")))
+    with pytest.raises(distributed.SettingError, match="fsdp: compile"):
+        sft.main(sft.Config(**{**settings("sft", tiny_model, files), "compile": True, "fsdp": True},
+                            output_dir=str(tmp_path / "compiled")))
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = sft.Config(**{**settings("sft", tiny_model, files), "save_every": 5}, output_dir=str(tmp_path / "x"))
     with pytest.raises(distributed.SettingError, match="save_every: .* pass --save_every 0 under torchrun"):
