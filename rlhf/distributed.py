@@ -282,32 +282,31 @@ def shard_model(model: torch.nn.Module, bf16: bool, device: torch.device,
     return model
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float,
+def clip_gradients(model: torch.nn.Module | list[torch.nn.Module], max_norm: float,
                    replicated: list[torch.nn.Parameter] | None = None) -> torch.Tensor:
-    """Make the gradients those of the global batch, then clip them to `max_norm` → the global norm before
-    clipping. FSDP has summed each shard's gradient over the ranks already; a replicated model's gradients are
-    summed here, and so are those of `replicated` (parameters outside the model that every rank holds whole, such
-    as PPO's value head), which count in the norm; with one process this is `clip_grad_norm_`."""
-    replicated = [p for p in replicated or [] if p.grad is not None]
+    """Make the gradients those of the global batch, then clip them to `max_norm` together → the global norm before
+    clipping. `model` is one model or several trained at once (PPO's policy and critic). FSDP has summed each
+    shard's gradient over the ranks already; a replicated model's gradients are summed here, and so are those of
+    `replicated` (parameters outside the models that every rank holds whole, such as PPO's value head); with one
+    process and no sharding this is `clip_grad_norm_`."""
+    sharded, plain = [], [p for p in replicated or [] if p.grad is not None]
+    for one in model if isinstance(model, (list, tuple)) else [model]:
+        (sharded if is_sharded(one) else plain).extend(p for p in one.parameters() if p.grad is not None)
     if is_distributed():
-        for p in replicated:
+        for p in plain:
             torch.distributed.all_reduce(p.grad)
-    parameters = [p for p in model.parameters() if p.grad is not None]
-    if not is_sharded(model):
-        if is_distributed():
-            for p in parameters:
-                torch.distributed.all_reduce(p.grad)
-        return torch.nn.utils.clip_grad_norm_(list(model.parameters()) + replicated, max_norm)
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(plain, max_norm)
     from torch.distributed.tensor import DTensor
 
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    norm = torch.nn.utils.get_total_norm([p.grad for p in sharded])
     if isinstance(norm, DTensor):  # each rank's shards → the norm over all of them
         norm = norm.full_tensor()
-    if replicated:
-        norm = torch.nn.utils.get_total_norm([norm, torch.nn.utils.get_total_norm([p.grad for p in replicated])])
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-    if replicated:  # apart: one clipping call cannot mix sharded (DTensor) and plain gradients
-        torch.nn.utils.clip_grads_with_norm_(replicated, max_norm, norm)
+    if plain:
+        norm = torch.nn.utils.get_total_norm([norm, torch.nn.utils.get_total_norm([p.grad for p in plain])])
+    torch.nn.utils.clip_grads_with_norm_(sharded, max_norm, norm)
+    if plain:  # apart: one clipping call cannot mix sharded (DTensor) and plain gradients
+        torch.nn.utils.clip_grads_with_norm_(plain, max_norm, norm)
     return norm
 
 

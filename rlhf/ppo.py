@@ -319,6 +319,8 @@ def load_models(config: Config, device, bf16: bool) -> Models:
             raise ValueError(f"critic: model reads the policy's token ids, but the reward model {reward_path} has "
                              f"another tokenizer than the policy {policy_path}; use critic: head")
         critic = load_reward_model(reward_path, device, reward_tokenizer, trainable=True)
+        # sharded like a reward model in training: its backbone and its score head are called one by one
+        critic = distributed.parallel(critic, config, bf16, device, units=[critic.base_model, critic.score])
     elif config.advantage == "gae":  # a zero-initialised linear head on the policy's last hidden state
         text_config = policy.config.get_text_config() if hasattr(policy.config, "get_text_config") else policy.config
         value_head = torch.nn.Linear(text_config.hidden_size, 1).to(device)
@@ -376,10 +378,6 @@ def check(config: Config) -> None:
                          "module:function), or both")
     if config.reward_weights and len(config.reward_weights) != len(config.reward_fn):
         raise ValueError(f"{len(config.reward_fn)} reward functions but {len(config.reward_weights)} reward_weights")
-    if config.advantage == "gae" and config.critic == "model" and (distributed.world_size() > 1
-                                                                  or distributed.use_fsdp(config.fsdp)):
-        raise distributed.SettingError("critic: a separate critic model is not supported with more than one process "
-                                       "or FSDP yet; use critic: head")
     if config.mini_batch_size < distributed.world_size():
         raise distributed.SettingError(f"mini_batch_size: each of the {distributed.world_size()} processes takes a "
                                        f"part of every mini-batch; mini_batch_size ({config.mini_batch_size}) must be "
@@ -541,9 +539,10 @@ def training(config: Config) -> Iterator[dict]:
     reuse_forward = (config.reuse_rollout_forward and config.ppo_epochs == 1
                      and config.mini_batch_size == config.batch_size and not distributed.is_distributed())
     # with FSDP (or processes) the gradients are summed by `distributed.clip_gradients`, the value head's with them
-    shared_gradients = distributed.is_distributed() or distributed.is_sharded(policy)
     # a separate critic's backward beside the policy's, a share of the cores each (`rlhf.fast.lanes`)
-    lanes = fast.SideBySide(config.side_by_side and device.type == "cpu") if models.critic is not None else None
+    shared_gradients = distributed.is_distributed() or distributed.is_sharded(policy)
+    lanes = fast.SideBySide(config.side_by_side and device.type == "cpu") \
+        if models.critic is not None and not shared_gradients else None
     beta, rng, order, samples, history = config.beta, random.Random(config.seed), [], [], []
     bad_steps = BadSteps("ppo", config.max_bad_steps, unit="updates")
     if extra:
@@ -646,7 +645,9 @@ def training(config: Config) -> Iterator[dict]:
                          **distributed.weighted_mean(stats, tokens)}
                 if shared_gradients:
                     sum(loss for loss, _ in terms).backward()
-                    stats["grad_norm"] = distributed.clip_gradients(policy, 1.0, critic_parameters)
+                    trained = [policy, models.critic] if models.critic is not None else policy
+                    stats["grad_norm"] = distributed.clip_gradients(trained, 1.0, critic_parameters
+                                                                    if models.value_head is not None else None)
                 else:
                     stats["grad_norm"] = fast.backward_and_clip(terms, 1.0, lanes)
                 checked = {k: stats[k] for k in ("policy_loss", "value_loss", "grad_norm") if k in stats}
@@ -721,13 +722,15 @@ def save(config: Config, models: Models, out: Path, history: list[dict], beta: f
     summary = {"stage": "ppo", "advantage": config.advantage, "steps": config.steps, "final_beta": beta,
                "first": {k: history[0].get(k) for k in keys}, "last": {k: history[-1].get(k) for k in keys},
                "seconds": round(seconds, 1)}
-    final = gathered_for_saving(models.policy)  # the whole weights on rank 0 (LoRA merged), from every process
+    # the whole weights on rank 0 (LoRA merged), from every process's shards
+    final = gathered_for_saving(models.policy)
+    critic = gathered_for_saving(models.critic) if models.critic is not None else None
     if final is None:
         return summary
     save_atomic(out, model=final, tokenizer=models.tokenizer,
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary},
                 tensors={"value_head.safetensors": models.value_head.state_dict()} if models.value_head else None,
-                subfolders={"critic": (models.critic, models.reward_tokenizer)} if models.critic is not None else None)
+                subfolders={"critic": (critic, models.reward_tokenizer)} if critic is not None else None)
     say(f"[ppo] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → "
         f"{summary['last']['score']:.3f}, KL {summary['last']['kl']:.3f}")
     return summary
