@@ -126,30 +126,39 @@ def pair_logprobs(model, batch: list[Pair], pad_id: int, device: torch.device,
 
 @torch.no_grad()
 def all_pair_logprobs(model, pairs: list[Pair], pad_id: int, device: torch.device, bf16: bool,
-                      batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      batch_size: int, split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`pair_logprobs` over many pairs, without gradient → summed log-probs and token counts, (N, 2) each.
 
-    Column 0 is the chosen answer, column 1 the rejected one; pairs of similar length share a batch.
+    Column 0 is the chosen answer, column 1 the rejected one; pairs of similar length share a batch. `split`: the
+    pairs are the same list on every process (all the held-out pairs, all the training pairs), so under torchrun
+    each process computes its part of them, with the model's whole weights gathered once for all its batches
+    (`distributed.gathered`), and every process gets every pair's numbers. Without it each process computes its own
+    pairs (its slice of a batch).
     """
-    order = sorted(range(len(pairs)), key=lambda i: sum(map(len, pairs[i])))
+    mine = list(distributed.part_of(len(pairs)) if split else range(len(pairs)))
+    order = sorted(mine, key=lambda i: sum(map(len, pairs[i])))
     logprobs, lengths = torch.empty(len(pairs), 2), torch.empty(len(pairs), 2)
     batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="log-probs", unit="batch", leave=False,
-                      disable=len(batches) < 2 or not distributed.is_main()):
-        index = order[start:start + batch_size]
-        lp, n = pair_logprobs(model, [pairs[i] for i in index], pad_id, device, bf16)
-        logprobs[index] = lp.float().view(2, -1).T.cpu()
-        lengths[index] = n.float().view(2, -1).T.cpu()
+    with distributed.gathered(model if split else None):
+        for start in tqdm(batches, desc="log-probs", unit="batch", leave=False,
+                          disable=len(batches) < 2 or not distributed.is_main()):
+            index = order[start:start + batch_size]
+            lp, n = pair_logprobs(model, [pairs[i] for i in index], pad_id, device, bf16)
+            logprobs[index] = lp.float().view(2, -1).T.cpu()
+            lengths[index] = n.float().view(2, -1).T.cpu()
+    if split and distributed.is_distributed():
+        for index, part_logprobs, part_lengths in distributed.gather_objects((mine, logprobs[mine], lengths[mine])):
+            logprobs[index], lengths[index] = part_logprobs, part_lengths
     return logprobs, lengths
 
 
 def reference_logprobs(reference, policy, pairs: list[Pair], pad_id: int, device: torch.device, bf16: bool,
-                       batch_size: int) -> torch.Tensor:
+                       batch_size: int, split: bool = False) -> torch.Tensor:
     """Summed reference log-probs (N, 2) [chosen, rejected]: `reference`'s, or the policy's with its adapter off."""
     if reference is not None:
-        return all_pair_logprobs(reference, pairs, pad_id, device, bf16, batch_size)[0]
+        return all_pair_logprobs(reference, pairs, pad_id, device, bf16, batch_size, split)[0]
     with adapter_disabled(policy):
-        return all_pair_logprobs(policy, pairs, pad_id, device, bf16, batch_size)[0]
+        return all_pair_logprobs(policy, pairs, pad_id, device, bf16, batch_size, split)[0]
 
 
 def pick_loss(config: Config) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]:
@@ -250,9 +259,11 @@ def training(config: Config) -> Generator[dict, None, dict]:
     #    after which the reference model is freed
     eval_ref = train_ref = None
     if needs_reference:
-        eval_ref = reference_logprobs(reference, policy, eval_pairs, pad_id, device, bf16, config.batch_size)
+        eval_ref = reference_logprobs(reference, policy, eval_pairs, pad_id, device, bf16, config.batch_size,
+                                      split=True)
         if config.precompute_reference:
-            train_ref = reference_logprobs(reference, policy, train_pairs, pad_id, device, bf16, config.batch_size)
+            train_ref = reference_logprobs(reference, policy, train_pairs, pad_id, device, bf16, config.batch_size,
+                                           split=True)
             freed, reference = reference is not None, None
             gc.collect()
             if device.type == "cuda":
@@ -332,7 +343,7 @@ def training(config: Config) -> Generator[dict, None, dict]:
     # 5. held-out pairs: the loss, implicit-reward accuracy and margin of the trained policy
     held_out = {"eval_loss": float("nan"), "eval_accuracy": float("nan"), "eval_margin": float("nan")}
     if eval_pairs:
-        lp, n = all_pair_logprobs(policy, eval_pairs, pad_id, device, bf16, config.batch_size)
+        lp, n = all_pair_logprobs(policy, eval_pairs, pad_id, device, bf16, config.batch_size, split=True)
         eval_loss, eval_stats = loss_fn(lp.T.reshape(-1), n.T.reshape(-1),
                                         None if eval_ref is None else eval_ref.T.reshape(-1))
         held_out = {"eval_loss": float(eval_loss), "eval_accuracy": float(eval_stats["accuracy"]),

@@ -247,16 +247,23 @@ def training(config: Config) -> Generator[dict, None, dict]:
 
     bad_steps.check_last(steps)
 
-    # 4. held-out pairwise accuracy, and the score scale on the reference policy's own samples
+    # 4. held-out pairwise accuracy, and the score scale on the reference policy's own samples (under torchrun each
+    #    process scores its part, with the whole weights gathered once, and every process gets every score)
+    def scores_of(sequences: list[list[int]]) -> torch.Tensor:
+        mine = distributed.part_of(len(sequences))
+        with distributed.gathered(model):
+            scores = score_sequences(model, sequences[mine.start:mine.stop], pad_id, device, bf16) \
+                if len(mine) else torch.empty(0)
+        return torch.cat(distributed.gather_objects(scores))
+
     def pairwise_accuracy(subset):
         if not subset:
             return float("nan")
-        s = score_sequences(model, [c for c, _, _ in subset] + [r for _, r, _ in subset], pad_id, device, bf16)
+        s = scores_of([c for c, _, _ in subset] + [r for _, r, _ in subset])
         return (s[: len(subset)] > s[len(subset):]).float().mean().item()
 
     eval_accuracy = pairwise_accuracy(eval_pairs)
-    reference_scores = score_sequences(model, [c for c, _, _ in train_pairs] + [r for _, r, _ in train_pairs], pad_id,
-                                       device, bf16)
+    reference_scores = scores_of([c for c, _, _ in train_pairs] + [r for _, r, _ in train_pairs])
     train_accuracy = (reference_scores[: len(train_pairs)] > reference_scores[len(train_pairs):]).float().mean().item()
     norm = {"mean": reference_scores.mean().item(), "std": max(reference_scores.std().item(), 1e-6),
             "n": len(reference_scores), "note": "scores of the pairs' responses (reference-policy samples)"}

@@ -23,10 +23,13 @@ DEMOS = [{"prompt": f"Explain {t} to a 10-year-old.", "completion": f"{t.capital
          for i, t in enumerate(["rain", "wind", "snow", "the sun", "the moon", "clouds", "rivers", "trees"])]
 PAIRS = [{"prompt": d["prompt"], "chosen": f"A short clear answer number {i}.",
           "rejected": f"answer answer answer {i} that never ends and" + " and" * (i % 3)} for i, d in enumerate(DEMOS)]
-STAGES = {"sft": sft, "reward": reward, "dpo": dpo}
+STAGES = {"sft": sft, "reward": reward, "dpo": dpo, "dpo-precomputed": dpo}
 # 8 examples, a global batch of 3, three steps in each stage
 SETTINGS = {"sft": {"epochs": 1.5}, "reward": {"epochs": 1.125, "eval_fraction": 0.0},
-            "dpo": {"epochs": 1.125, "eval_fraction": 0.0}}
+            "dpo": {"epochs": 1.125, "eval_fraction": 0.0},
+            # the reference's log-probs of every pair before training and the held-out pairs after it, split over the
+            # processes: 6 training pairs, 2 held out
+            "dpo-precomputed": {"epochs": 1.5, "eval_fraction": 0.25, "precompute_reference": True}}
 
 # Answers that depend only on the prompt and the answer's place in its group, never on the weights or the random
 # stream: one process and two processes then train on the same rollout batch, and their updates can be compared
@@ -124,7 +127,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max().clamp(min=1e-12)).item()
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_two_processes_take_the_steps_of_one(stage, tiny_model, files, tmp_path):
     values = settings(stage, tiny_model, files)
     module = STAGES[stage]
@@ -132,9 +135,15 @@ def test_two_processes_take_the_steps_of_one(stage, tiny_model, files, tmp_path)
     module.main(module.Config(**values, output_dir=str(one)))
 
     two = tmp_path / "two"
-    args = [str(files["driver"]), stage, *[f"--{k}={v}" for k, v in values.items()], f"--output_dir={two}"]
+    command = stage.split("-")[0]
+    args = [str(files["driver"]), command, *[f"--{k}={v}" for k, v in values.items()], f"--output_dir={two}"]
     result = torchrun(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    if values.get("eval_fraction"):  # the held-out numbers, computed a part per process
+        held_out = [[r for r in read_jsonl(tmp_path / f"{run}_logs" / "metrics.jsonl") if "eval_loss" in r][0]
+                    for run in ("one", "two")]
+        for key in ("eval_loss", "eval_margin", "eval_accuracy"):
+            assert held_out[1][key] == pytest.approx(held_out[0][key], rel=1e-5, abs=1e-6), (key, held_out)
 
     # the same losses and gradient norms, step by step, logged once (rank 0)
     rows_one = [r for r in read_jsonl(tmp_path / "one_logs" / "metrics.jsonl") if "loss" in r]
@@ -153,7 +162,7 @@ def test_two_processes_take_the_steps_of_one(stage, tiny_model, files, tmp_path)
     moved = max((weights_one[k] - start[k]).abs().max().item() for k in weights_one if k in start)
     difference = max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one)
     assert difference < 1e-5 * largest < moved / 10, (difference, largest, moved)
-    if stage == "reward":
+    if command == "reward":
         from transformers import AutoModelForSequenceClassification as Auto
         norm_one, norm_two = (json.loads((d / "rlhf_reward_norm.json").read_text()) for d in (one, two))
         assert norm_two["mean"] == pytest.approx(norm_one["mean"], rel=1e-5, abs=1e-6)
