@@ -1,12 +1,18 @@
 """A training stage's whole state, saved every `save_every` steps and on SIGTERM/SIGINT, so that rerunning the same
 command continues where a killed run stopped, to the same weights bit for bit.
 
-Layout (`<output_dir>_state/step-000012/`), in two parts so that `torch.distributed.checkpoint` can later write the
-model part sharded without touching the rest:
+Layout (`<output_dir>_state/step-000012/`), one process without FSDP:
   model/<name>.safetensors   every module's state dict (policy, value head or critic), full precision
   trainer.pt                 optimiser, scheduler, the RNGs (python, numpy, torch, each CUDA device), the data order
                              and position, and the stage's own values (PPO's β, the monitor's history, ...)
   meta.json                  step, the config and the fingerprints of the inputs it ran with
+Under torchrun (or with FSDP in one process) the weights and the optimiser are sharded, and each process writes its
+own shards with `torch.distributed.checkpoint` (DCP):
+  dcp/                       every module's and the optimiser's state, `__<rank>_0.distcp` per process + `.metadata`
+  rng-rank<r>.pt             each process's RNGs (they differ: each samples its own answers)
+  trainer.pt, meta.json      as above, without the optimiser; written by rank 0 (meta.json records the processes)
+A DCP state resumes on any number of processes, one included (DCP reshards on load); a one-process state resumes in
+one process only (it is refused by name under torchrun).
 Each state folder is written into `.step-N.tmp-*` and renamed in; the last `keep_last` are kept.
 
 A resume is refused when the config (except the keys that only say how to save or log) or an input file changed,
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 
 from rlhf import config as cfg
+from rlhf import distributed
 from rlhf.distributed import SettingError, is_main, world_size
 from rlhf.tracking import say
 
@@ -47,6 +54,18 @@ class StageInterrupted(Exception):
         where = f"state saved in {folder} after {step} steps"
         super().__init__(f"{stage}: stopped by {signal.Signals(signal_number).name}; {where}; rerun the same command "
                          f"to continue")
+
+
+def _sharded(modules: dict[str, torch.nn.Module]) -> bool:
+    """Whether the state is written with DCP: more than one process, or a model sharded by FSDP (in one process)."""
+    return world_size() > 1 or any(distributed.is_sharded(m) for m in modules.values())
+
+
+def _local(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with each sharded tensor as this process's own shard."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
 
 
 def _rng_states() -> dict[str, Any]:
@@ -85,28 +104,13 @@ class TrainingState:
         self.signal_number: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self.last_saved: Path | None = None
-        if world_size() > 1:
-            self._check_processes()
-
-    def _check_processes(self) -> None:
-        """With more than one process the state is not saved or resumed yet (each rank holds only its shards of the
-        weights and the optimiser; writing them needs `torch.distributed.checkpoint`): ask for `save_every: 0`
-        rather than train for hours without the saves the config asked for, and refuse a saved state rather than
-        ignore it."""
-        if self.save_every > 0:
-            raise SettingError(f"save_every: saving the training state is not supported with more than one "
-                               f"process yet ({world_size()} here); pass --save_every 0 under torchrun")
-        if self.mode != "never" and self.saved():
-            raise SettingError(f"resume: {self.folder} holds a saved training state, and resuming with more than "
-                               f"one process is not supported yet; resume it in one process, or pass --resume never "
-                               f"to start over")
 
     # --- finding and checking a saved state ---------------------------------------------------------------
     def saved(self) -> list[Path]:
         """The complete state folders, oldest first; removes the temp folders of saves that were killed."""
         if not self.folder.is_dir():
             return []
-        for stale in self.folder.glob(".step-*.tmp-*"):
+        for stale in self.folder.glob(".step-*.tmp-*") if is_main() else []:  # another process may be writing one
             shutil.rmtree(stale, ignore_errors=True)
         return sorted(p for p in self.folder.glob("step-*") if (p / "meta.json").is_file())
 
@@ -116,7 +120,9 @@ class TrainingState:
         if self.mode == "never":
             if states:
                 say(f"[{self.stage}] resume: never; removing the saved state in {self.folder}")
-                shutil.rmtree(self.folder, ignore_errors=True)
+                if is_main():
+                    shutil.rmtree(self.folder, ignore_errors=True)
+                distributed.barrier()
             return None
         if not states:
             if self.mode == "must":
@@ -143,6 +149,12 @@ class TrainingState:
         folder = self.latest()
         if folder is None:
             return 0, {}
+        if (folder / "dcp").is_dir():
+            return self._resume_sharded(folder, modules, optimizer, scheduler)
+        if _sharded(modules):
+            raise SettingError(f"resume: {folder} was saved by one process without FSDP, and this run has "
+                               f"{world_size()} processes (or FSDP); resume it in one process with fsdp: false, or "
+                               f"pass --resume never to start over")
         from safetensors.torch import load_model
 
         for name, module in modules.items():
@@ -154,6 +166,28 @@ class TrainingState:
         say(f"[{self.stage}] resuming from {folder} (after {trainer['step']} steps)")
         return int(trainer["step"]), trainer["extra"]
 
+    def _resume_sharded(self, folder: Path, modules: dict[str, torch.nn.Module], optimizer,
+                        scheduler) -> tuple[int, dict[str, Any]]:
+        """Load a DCP state into this run's modules and optimiser, however many processes wrote it and however many
+        read it (DCP reshards on load); each process takes back its own RNGs when the numbers of processes match,
+        else rank 0's of the saved run (a different split samples differently anyway)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        every = torch.nn.ModuleDict(modules)  # one module over all: the optimiser's parameters are named from it
+        model_state, optimizer_state = get_state_dict(every, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(state, checkpoint_id=str(folder / "dcp"))
+        set_state_dict(every, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        trainer = torch.load(folder / "trainer.pt", weights_only=False)
+        scheduler.load_state_dict(trainer["scheduler"])
+        saved_by = json.loads((folder / "meta.json").read_text()).get("processes", 1)
+        mine = folder / f"rng-rank{distributed.rank()}.pt"
+        _set_rng_states(torch.load(mine if saved_by == world_size() else folder / "rng-rank0.pt", weights_only=False))
+        say(f"[{self.stage}] resuming from {folder} (after {trainer['step']} steps; saved by {saved_by} process"
+            f"{'es' if saved_by > 1 else ''}, resumed by {world_size()})")
+        return int(trainer["step"]), trainer["extra"]
+
     # --- saving -----------------------------------------------------------------------------------------
     def due(self, steps_done: int) -> bool:
         return self.save_every > 0 and steps_done % self.save_every == 0
@@ -162,6 +196,8 @@ class TrainingState:
              extra: dict[str, Any]) -> Path:
         """Write the state after `steps_done` steps into a temp folder, rename it in, drop all but the last
         `keep_last`."""
+        if _sharded(modules):
+            return self._save_sharded(steps_done, modules, optimizer, scheduler, extra)
         from safetensors.torch import save_model
 
         from rlhf.guard import nonfinite_tensors
@@ -196,6 +232,50 @@ class TrainingState:
         self.last_saved = final
         return final
 
+    def _save_sharded(self, steps_done: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
+                      extra: dict[str, Any]) -> Path:
+        """`save` with the weights and optimiser sharded: every process writes its own shards (DCP) into one temp
+        folder, which rank 0 renames in once all have written. Every process must call it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from rlhf.guard import nonfinite_tensors
+
+        bad = [f"{name}: {found[0]}" for name, module in modules.items()
+               if (found := nonfinite_tensors(_local(module.state_dict()).items()))]
+        if not distributed.all_agree(not bad):  # no process writes when any holds a NaN
+            raise ValueError(f"{self.stage}: refusing to save a state that holds NaN or Inf "
+                             f"({bad[0] if bad else 'on another process'})")
+        final = self.folder / f"step-{steps_done:06d}"
+        tmp = self.folder / f".{final.name}.tmp-dcp"  # one name every process knows
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.barrier()
+        try:
+            model_state, optimizer_state = get_state_dict(torch.nn.ModuleDict(modules), optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp / "dcp"))
+            torch.save(_rng_states(), tmp / f"rng-rank{distributed.rank()}.pt")
+            if is_main():
+                torch.save({"step": steps_done, "scheduler": scheduler.state_dict(), "extra": extra},
+                           tmp / "trainer.pt")
+                (tmp / "meta.json").write_text(json.dumps({"stage": self.stage, "step": steps_done,
+                                                           "processes": world_size(), "config": self.config,
+                                                           "inputs": self.inputs}, indent=2))
+            distributed.barrier()
+            if is_main():
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                for old in self.saved()[:-max(1, self.keep_last)]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            raise ValueError(f"{self.stage}: cannot save the training state in {self.folder}: {e.strerror or e}; "
+                             f"the previous state is intact") from None
+        distributed.barrier()
+        self.last_saved = final
+        return final
+
     def finished(self) -> None:
         """The stage's checkpoint is written: its training state is no longer needed (rank 0 removes it)."""
         if is_main():
@@ -208,8 +288,8 @@ class TrainingState:
         import threading
         import weakref
 
-        if threading.current_thread() is not threading.main_thread() or world_size() > 1:
-            return  # under torchrun a signal stops every process at once (no state to save there yet)
+        if threading.current_thread() is not threading.main_thread():
+            return
         me = weakref.ref(self)  # the handler must not keep a finished stage's state alive
 
         def handler(number, frame):
@@ -232,14 +312,17 @@ class TrainingState:
 
     def stop_if_asked(self, steps_done: int, modules: dict[str, torch.nn.Module], optimizer, scheduler,
                       extra: dict[str, Any]) -> None:
-        """After a step: when a signal came, save the state (unless this step's was just saved) and stop."""
-        if self.signal_number is None:
+        """After a step: when a signal came, save the state (unless this step's was just saved) and stop. Under
+        torchrun every process calls this after every step and they agree (one small collective): a signal that
+        reached any of them stops all of them at the same step, each saving its shards."""
+        if distributed.all_agree(self.signal_number is None):
             return
+        number = self.signal_number or signal.SIGTERM  # a process the signal did not reach stops with the others
         folder = self.folder / f"step-{steps_done:06d}"
         if not (folder / "meta.json").is_file():
             folder = self.save(steps_done, modules, optimizer, scheduler, extra)
         self.release_signals()
-        raise StageInterrupted(self.stage, self.signal_number, steps_done, folder)
+        raise StageInterrupted(self.stage, number, steps_done, folder)
 
 
 def _restore_handlers(handlers: dict[int, Any], ours: Any) -> None:
@@ -254,9 +337,9 @@ def _restore_handlers(handlers: dict[int, Any], ours: Any) -> None:
 
 def trim_metrics(log_dir: Path, steps_done: int) -> None:
     """A resumed run logs again from step `steps_done`: drop the rows a killed run wrote after its last saved state,
-    so the metrics read as one run."""
+    so the metrics read as one run. Rank 0 only (it alone logs), before anything is logged."""
     file = Path(log_dir) / "metrics.jsonl"
-    if not file.is_file():
+    if not is_main() or not file.is_file():
         return
     lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
     def step_of(line: str) -> int:

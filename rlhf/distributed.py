@@ -322,6 +322,11 @@ def gathered(*models: torch.nn.Module | None) -> Iterator[None]:
 
     units = [m for model in models if model is not None and is_sharded(model)
              for m in model.modules() if isinstance(m, FSDPModule)]
+    # FSDP settles each root's own choices at its first forward pass; settle them now, or a first forward inside the
+    # block (on some processes only) would leave them different on each process once the block restores them
+    inner = {id(m) for unit in units for m in unit.modules() if m is not unit}
+    for root in (unit for unit in units if id(unit) not in inner):
+        root._get_fsdp_state()._lazy_init()
     # no resharding after a forward pass inside the block (a unit without a post-forward mesh keeps its weights, as
     # the root does for the backward that follows its forward), each unit's own choice restored after
     groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]

@@ -60,11 +60,31 @@ def _find_gguf() -> Path:
     )
 
 
+@contextlib.contextmanager
+def built_once(target: Path):
+    """Hold a lock beside `target` while it is built: processes started together (torchrun) that all find it
+    missing build it one at a time, and the later ones find it done (the caller checks again inside)."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def default_model_dir() -> Path:
     """Convert the embedded GGUF once into a safetensors folder in the cache; return that folder."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").is_file():
         return target
+    with built_once(target):
+        return target if (target / "config.json").is_file() else _convert_embedded(target)
+
+
+def _convert_embedded(target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _find_gguf()
@@ -121,7 +141,10 @@ def resolve_model_path(name: str | None) -> Path:
         return default_model_dir()
     if name == "tiny":
         target = cache_dir() / "tiny-llama"
-        return target if (target / "config.json").is_file() else build_tiny_model(target)
+        if (target / "config.json").is_file():
+            return target
+        with built_once(target):
+            return target if (target / "config.json").is_file() else build_tiny_model(target)
     path = Path(name)
     recover_checkpoint(path)
     if not (path / "config.json").is_file():

@@ -28,8 +28,9 @@ STAGES = {"sft": sft, "reward": reward, "dpo": dpo, "dpo-precomputed": dpo}
 SETTINGS = {"sft": {"epochs": 1.5}, "reward": {"epochs": 1.125, "eval_fraction": 0.0},
             "dpo": {"epochs": 1.125, "eval_fraction": 0.0},
             # the reference's log-probs of every pair before training and the held-out pairs after it, split over the
-            # processes: 6 training pairs, 2 held out
-            "dpo-precomputed": {"epochs": 1.5, "eval_fraction": 0.25, "precompute_reference": True}}
+            # processes: 7 training pairs (4 and 3), 1 held out (one process has none: no forward pass, which must
+            # leave FSDP's state as it leaves the other's)
+            "dpo-precomputed": {"epochs": 1.3, "eval_fraction": 0.125, "precompute_reference": True}}
 
 # Answers that depend only on the prompt and the answer's place in its group, never on the weights or the random
 # stream: one process and two processes then train on the same rollout batch, and their updates can be compared
@@ -81,6 +82,14 @@ for stage in (sft, reward, dpo, ppo):
             json.dump(sizes, f)
         return _gather(model)
     stage.optimizer_and_schedule, stage.gathered_for_saving = optimizer_and_schedule, gathered_for_saving
+stop_after = int(os.environ.get("STOP_AFTER", -1))
+from rlhf import checkpoint
+stop_if_asked = checkpoint.TrainingState.stop_if_asked
+def stopping(self, steps_done, *args):  # as if SIGTERM reached rank 1 alone after that step
+    if steps_done == stop_after and distributed.rank() == 1:
+        self.signal_number = 15
+    return stop_if_asked(self, steps_done, *args)
+checkpoint.TrainingState.stop_if_asked = stopping
 ok = guard.BadSteps.ok
 def checking(self, step, **values):
     if step == 1 and distributed.rank() == fail_rank:
@@ -209,8 +218,8 @@ def test_lora_under_fsdp_takes_the_steps_of_one_process(stage, tiny_model, files
 
 PPO_SETTINGS = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 6, "lr": 1e-3,
                 "bf16": False, "device": "cpu", "gold": False, "save_every": 0, "seed": 3, "monitor_every": 0}
-ADVANTAGES = {"gae": {}, "gae-critic": {"critic": "model"}, "grpo": {"advantage": "grpo", "group_size": 2, "kl_in": "loss",
-                                  "loss_aggregation": "sequence"}}
+ADVANTAGES = {"gae": {}, "gae-critic": {"critic": "model"},
+              "grpo": {"advantage": "grpo", "group_size": 2, "kl_in": "loss", "loss_aggregation": "sequence"}}
 
 
 def ppo_settings(files, **changes) -> dict:
@@ -329,8 +338,6 @@ def test_the_tiny_pipeline_runs_at_two_processes_and_a_rerun_skips_it(files, tmp
               "reward": {"batch_size": 8, "lr": 1e-3},
               "ppo": {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "max_new_tokens": 8, "lr": 1e-4},
               "dpo": {"batch_size": 4, "lr": 1e-3}, "eval": {"max_prompts": 8, "max_new_tokens": 8}}
-    for name in ("sft", "reward", "ppo", "dpo"):
-        stages[name]["save_every"] = 0
     config = tmp_path / "pipeline.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(run), "model": str(files["tiny_model"]), "bf16": False,
                                       "method": "both", **stages}))
@@ -365,10 +372,60 @@ def test_settings_that_do_not_work_with_processes_are_refused_by_name(tiny_model
     with pytest.raises(distributed.SettingError, match="fsdp: compile"):
         sft.main(sft.Config(**{**settings("sft", tiny_model, files), "compile": True, "fsdp": True},
                             output_dir=str(tmp_path / "compiled")))
+    # a state saved by one process without FSDP does not resume under torchrun: it says so instead of ignoring it
+    alone = tmp_path / "alone"
+    sft.main(sft.Config(**{**settings("sft", tiny_model, files), "save_every": 1}, output_dir=str(alone)))
+    state = checkpoint.TrainingState("sft", sft.Config(**settings("sft", tiny_model, files), output_dir=str(alone)),
+                                     {}, alone)
+    state.save(1, {"model": torch.nn.Linear(2, 2)}, torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()),
+               torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()), lambda s: 1),
+               {})
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = sft.Config(**{**settings("sft", tiny_model, files), "save_every": 5}, output_dir=str(tmp_path / "x"))
-    with pytest.raises(distributed.SettingError, match="save_every: .* pass --save_every 0 under torchrun"):
-        checkpoint.TrainingState("sft", config, {}, tmp_path / "x")
+    with pytest.raises(distributed.SettingError, match="resume: .* was saved by one process without FSDP, and this "
+                                                       "run has 2 processes"):
+        state.resume({"model": torch.nn.Linear(2, 2)}, None, None)
+
+
+@pytest.mark.parametrize("stage,resumers", [("sft", (2, 1)), ("dpo", (2, 1)), ("ppo", (2,))])
+def test_a_stopped_run_at_two_processes_resumes_at_two_or_one(stage, resumers, tiny_model, files, tmp_path):
+    """save_every 1 under torchrun: each process writes its shards (DCP) and its RNGs, rank 0 the rest. A SIGTERM
+    that reaches one process stops both after the same step, saved; the rerun at 2 processes continues to the same
+    losses and weights as a run never stopped, and so does a rerun in one process (DCP reshards on load; not for
+    PPO, whose answers at one process are not those of two)."""
+    values = {**(ppo_settings(files, steps=3) if stage == "ppo" else settings(stage, tiny_model, files)),
+              "save_every": 1}
+    loss = "policy_loss" if stage == "ppo" else "loss"
+    command = [str(files["driver"]), stage, *[f"--{k}={v}" for k, v in values.items()]]
+
+    whole = torchrun([*command, f"--output_dir={tmp_path / 'whole'}"], tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    weights = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    losses = [r[loss] for r in read_jsonl(tmp_path / "whole_logs" / "metrics.jsonl") if loss in r]
+
+    for resumed_by in resumers:
+        out = tmp_path / f"stopped{resumed_by}"
+        stopped = torchrun([*command, f"--output_dir={out}"], tmp_path, STOP_AFTER=2)
+        # each process exits 128 + SIGTERM (torchrun itself 1), saying where the state is
+        assert stopped.returncode != 0 and "exitcode: 143" in stopped.stderr, stopped.stderr[-3000:]
+        assert f"rlhf {stage}: {stage}: stopped by SIGTERM; state saved in" in stopped.stderr
+        state = tmp_path / f"stopped{resumed_by}_state" / "step-000002"
+        assert sorted(p.name for p in (state / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+        assert (state / "rng-rank0.pt").is_file() and (state / "rng-rank1.pt").is_file()
+        assert json.loads((state / "meta.json").read_text())["processes"] == 2
+        assert not out.exists()
+        if resumed_by == 2:
+            again = torchrun([*command, f"--output_dir={out}"], tmp_path)
+            assert again.returncode == 0, again.stderr[-3000:]
+        else:
+            module = STAGES[stage]
+            module.main(module.Config(**values, output_dir=str(out)))
+        rows = [r for r in read_jsonl(tmp_path / f"stopped{resumed_by}_logs" / "metrics.jsonl") if loss in r]
+        assert [r["step"] for r in rows] == [0, 1, 2]
+        assert relative_difference(torch.tensor(losses), torch.tensor([r[loss] for r in rows])) < 1e-5
+        resumed = load_file(str(out / "model.safetensors"))
+        difference = max((weights[k] - resumed[k]).abs().max().item() for k in weights)
+        assert difference < 1e-6, (resumed_by, difference)
+        assert not (tmp_path / f"stopped{resumed_by}_state").exists()
 
 
 def test_a_global_batch_splits_into_slices_that_differ_by_at_most_one():
