@@ -206,13 +206,15 @@ def speed(stage: Stage, tmp: Path, steps: int, tiny: bool) -> dict:
 
 def child(stage: Stage, side: str, steps: int, tiny: bool) -> None:
     """Runs `steps` steps of one side alone, then prints its peak RSS (the parent reads the last line)."""
-    with tempfile.TemporaryDirectory() as tmp:
+    # a TensorBoard writer's thread may still be flushing into the folder as it is removed: not this run's concern
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         tmp = Path(tmp)
         model_dir = speed_model(tmp, tiny)
         if side == "ours":
             ours = stage.ours(model_dir, tmp / "ours", steps)
             for _ in range(steps):
                 next(ours)
+            ours.close()  # the stage's own clean-up (its log closed) before the folder goes
         else:
             stage.trl(model_dir, tmp / "trl", max_steps=steps).train()
         print(f"PEAK_RSS_MIB {peak_rss_mib():.1f}", flush=True)

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# The GPU figures of bench/README.md ("On one GPU") in one run, on a machine with one NVIDIA GPU, PyTorch with CUDA
-# and no network. Carried beside the repository: .gpu/whl (wheels: transformers 5.25, trl 1.12.0, datasets and what
-# they need that such an image lacks) and .gpu/cache/smollm2-135m-instruct (the embedded model's tokenizer and
-# config: the Qwen2-shaped model borrows its vocabulary). Results go to $OUT (default /tmp/gpu-out).
-#   bash bench/gpu_run.sh
+# Every GPU measurement bench/README.md plans ("More than one process", "PPO against TRL 1.12") in one run, on a
+# machine with one NVIDIA GPU, PyTorch with CUDA (Python 3.12) and no network. Results go to $OUT (default
+# /tmp/gpu-out).   bash bench/gpu_run.sh
+# It needs, beside the repository (git-ignored, prepared where pip works):
+#   .gpu/whl    wheels such an image lacks: pip download --no-deps --only-binary=:all: --python-version 3.12
+#               --implementation cp --platform manylinux2014_x86_64 --platform any -d .gpu/whl transformers==5.25.0
+#               trl==1.12.0 datasets dill multiprocess huggingface_hub==2.4.0 kernels==0.19.1 httpx2 httpcore2
+#               truststore idna click hf-xet h11
+#   .gpu/cache/smollm2-135m-instruct   config.json, generation_config.json, tokenizer*.json and chat_template.jinja
+#               of the converted embedded model (~/.cache/rlhf/...): the Qwen2-shaped model borrows its tokenizer
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
