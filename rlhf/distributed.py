@@ -109,9 +109,8 @@ def shard(batch: list[T], index: int | None = None, ranks: int | None = None) ->
     if len(batch) < ranks:
         raise SettingError(f"batch_size: a batch of {len(batch)} cannot be split over {ranks} processes; use a "
                            f"batch_size of at least {ranks}")
-    base, extra = divmod(len(batch), ranks)
-    begin = index * base + min(index, extra)
-    return batch[begin:begin + base + (index < extra)]
+    rows = part_of(len(batch), index, ranks)
+    return batch[rows.start:rows.stop]
 
 
 def reduce_sum(value: torch.Tensor | float) -> torch.Tensor:
@@ -185,6 +184,12 @@ def part_of(count: int, index: int | None = None, ranks: int | None = None) -> r
     base, extra = divmod(count, ranks)
     begin = index * base + min(index, extra)
     return range(begin, begin + base + (index < extra))
+
+
+def my_part(items: list[T]) -> list[T]:
+    """This process's part of a list (`part_of`; all of it in one process)."""
+    rows = part_of(len(items))
+    return items[rows.start:rows.stop]
 
 
 def _collective_device() -> torch.device:

@@ -87,12 +87,6 @@ class Config:
     seed: int = cfg.field(1234, "sampling seed (the same for every model)")
 
 
-def mine(items: list) -> list:
-    """This process's part of a list (all of it in one process)."""
-    rows = distributed.part_of(len(items))
-    return items[rows.start:rows.stop]
-
-
 def everyone(items: list) -> list:
     """Every process's part of a list put back together, in rank order (the list itself in one process)."""
     return [item for part in distributed.gather_objects(items) for item in part]
@@ -141,8 +135,8 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
     # under torchrun: this process's part of each prompt set, sampled with its own seed (the same for every model,
     # so the comparison stays paired)
     settings = (config.max_new_tokens, config.temperature, config.batch_size, bf16, config.seed + distributed.rank())
-    prompts_here, questions_here = mine(prompts), mine(questions)
-    fields_here = {key: mine(values) for key, values in fields.items()}
+    prompts_here, questions_here = distributed.my_part(prompts), distributed.my_part(questions)
+    fields_here = {key: distributed.my_part(values) for key, values in fields.items()}
 
     # 1. every model answers every held-out prompt and every behaviour set's prompt (harmful requests, look-alikes,
     #    unanswerable questions and their twins), with the same seed and settings; the judge and the reward model
@@ -163,7 +157,8 @@ def main(config: Config, names: dict[str, str] | None = None) -> dict:
             here["kl"] = sequence_kl(model, reference, rollout, config.temperature, bf16, device).tolist()
         answers[name], scores[name] = everyone(texts), everyone_by_key(here)
         for kind, kind_prompts in behaviour_prompts.items():
-            texts = sample_seeded(model, tokenizer, mine(kind_prompts), *settings).texts if mine(kind_prompts) else []
+            kind_here = distributed.my_part(kind_prompts)
+            texts = sample_seeded(model, tokenizer, kind_here, *settings).texts if kind_here else []
             behaviours.setdefault(kind, {})[name] = everyone([(t, BEHAVIOURS[kind][1](t)) for t in texts])
         if config.show and distributed.is_main():
             shown[name] = sample_seeded(model, tokenizer, [[{"role": "user", "content": q}] for q in config.show],

@@ -73,8 +73,7 @@ def main(config: Config) -> dict:
 
     # 2. sample every prompt n times in one batched pass (under torchrun: this process's part of the prompts, then
     #    every process's answers in prompt order)
-    mine = distributed.part_of(len(prompts))
-    repeated = [p for p in prompts[mine.start:mine.stop] for _ in range(config.n_responses)]
+    repeated = [p for p in distributed.my_part(prompts) for _ in range(config.n_responses)]
     texts, ended = [], []
     if repeated:
         rollout = sample(model, tokenizer, repeated, config.max_new_tokens, config.temperature,

@@ -250,10 +250,9 @@ def training(config: Config) -> Generator[dict, None, dict]:
     # 4. held-out pairwise accuracy, and the score scale on the reference policy's own samples (under torchrun each
     #    process scores its part, with the whole weights gathered once, and every process gets every score)
     def scores_of(sequences: list[list[int]]) -> torch.Tensor:
-        mine = distributed.part_of(len(sequences))
+        part = distributed.my_part(sequences)
         with distributed.gathered(model):
-            scores = score_sequences(model, sequences[mine.start:mine.stop], pad_id, device, bf16) \
-                if len(mine) else torch.empty(0)
+            scores = score_sequences(model, part, pad_id, device, bf16) if part else torch.empty(0)
         return torch.cat(distributed.gather_objects(scores))
 
     def pairwise_accuracy(subset):
