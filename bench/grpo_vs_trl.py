@@ -28,13 +28,17 @@ penalty (TRL has none).
    CPU computes it natively, else fp32). TRL's `train()` runs with a callback that, after each TRL step (its
    generation, scoring, reference pass and update), runs one step of ours (`next()` on the generator `rlhf grpo`
    itself runs), so the two alternate; the first step of each is warm-up (ours includes loading its models).
-   The prompts differ between the sides (each shuffles its own way), so each step's answer tokens are reported.
+   The prompts differ between the sides (each shuffles its own way). So that a step is the same work on both sides,
+   every answer is `RESPONSE_TOKENS` long by default (`--lengths forced`: EOS held back until then, TRL through
+   `generation_kwargs={"min_new_tokens": ...}`, ours through `rollout.sample`'s `min_new_tokens`); `--lengths free`
+   lets each side stop at EOS, and each step's answer tokens are reported either way.
 3. Peak memory: each side alone in its own child process for steps + 1 steps, peak RSS (VmHWM).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -51,6 +55,7 @@ import torch
 from rlhf import grpo, losses, ppo
 from rlhf.data import encode_prompt, write_jsonl
 from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.rollout import sample
 from rlhf.verifiable import problems
 
 GROUP = 4  # answers per prompt
@@ -69,6 +74,12 @@ def prompt_rows(count: int) -> list[dict]:
     return problems("train")[:count]
 
 
+def force_lengths(forced: bool) -> None:
+    """Every answer of ours `RESPONSE_TOKENS` long (EOS held back), or back to stopping at EOS. The stage has no such
+    setting (a real run wants answers to end), so the bench wraps the sampler PPO's loop calls."""
+    ppo.sample = functools.partial(sample, min_new_tokens=RESPONSE_TOKENS) if forced else sample
+
+
 def ours_steps(model_dir: Path, tmp: Path, steps: int, bf16, compile_: bool | None = None):
     """Our GRPO stage as a generator of steps (the one `rlhf grpo` runs), in the shared setting."""
     data = write_jsonl(tmp / "prompts.jsonl", prompt_rows(64))
@@ -81,7 +92,7 @@ def ours_steps(model_dir: Path, tmp: Path, steps: int, bf16, compile_: bool | No
     return ppo.training(config)
 
 
-def trl_trainer(model_dir: Path, out: Path, steps: int, bf16: bool, callbacks=()):
+def trl_trainer(model_dir: Path, out: Path, steps: int, bf16: bool, callbacks=(), forced: bool = False):
     """TRL 1.16's GRPOTrainer in the shared setting, the prompts as text with our chat template applied (TRL then
     tokenises them as they are), the same reward function."""
     from datasets import Dataset
@@ -99,7 +110,8 @@ def trl_trainer(model_dir: Path, out: Path, steps: int, bf16: bool, callbacks=()
                       max_grad_norm=1.0, beta=BETA, epsilon=CLIP, loss_type="dapo", scale_rewards="group",
                       num_iterations=1, max_steps=steps, bf16=bf16, use_cpu=True, gradient_checkpointing=False,
                       logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-                      model_init_kwargs={"dtype": torch.float32})
+                      model_init_kwargs={"dtype": torch.float32},
+                      generation_kwargs={"min_new_tokens": RESPONSE_TOKENS} if forced else None)
     return GRPOTrainer(model=str(model_dir), reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
                        processing_class=tokenizer, callbacks=list(callbacks))
 
@@ -168,10 +180,12 @@ def loss_check(model_dir: Path, tmp: Path) -> dict:
             "advantage_diff": advantage_diff, "loss_type": "dapo", "pass": ok}
 
 
-def speed(model_dir: Path, tmp: Path, steps: int, ours_bf16, trl_bf16: bool, compile_: bool | None) -> dict:
+def speed(model_dir: Path, tmp: Path, steps: int, ours_bf16, trl_bf16: bool, compile_: bool | None,
+          forced: bool) -> dict:
     """TRL's loop with one step of ours after each of TRL's; → per-step times and answer tokens, medians."""
     from transformers import TrainerCallback
 
+    force_lengths(forced)
     ours = ours_steps(model_dir, tmp / "speed", steps + 1, ours_bf16, compile_)
     record: dict[str, list[dict]] = {"trl": [], "ours": []}
 
@@ -201,13 +215,14 @@ def speed(model_dir: Path, tmp: Path, steps: int, ours_bf16, trl_bf16: bool, com
             if record["trl"] and self.logs:  # TRL logs a step's completion lengths after its on_step_end
                 record["trl"][-1]["answer_tokens"] = self.logs["completions/mean_length"] * BATCH
 
-    trainer = trl_trainer(model_dir, tmp / "speed_trl", steps + 1, trl_bf16, callbacks=[Alternate()])
+    trainer = trl_trainer(model_dir, tmp / "speed_trl", steps + 1, trl_bf16, callbacks=[Alternate()], forced=forced)
     tokenizer, first = load_tokenizer(model_dir), prompt_rows(1)[0]["prompt"]
     theirs_ids = [int(i) for i in trainer._tokenize_prompts([common.templated_prompt(tokenizer, first)])[0][0]]
     same_ids = theirs_ids == encode_prompt(tokenizer, common.messages(first))
     print(f"prompt token ids identical on both sides: {same_ids}")
     trainer.train()
     ours.close()
+    force_lengths(False)
     result = {}
     for side, rows in record.items():
         timed = rows[1:]  # the first step of each is warm-up
@@ -221,8 +236,10 @@ def speed(model_dir: Path, tmp: Path, steps: int, ours_bf16, trl_bf16: bool, com
     return result
 
 
-def child(side: str, steps: int, tiny: bool, ours_bf16, trl_bf16: bool, compile_: bool | None) -> None:
+def child(side: str, steps: int, tiny: bool, ours_bf16, trl_bf16: bool, compile_: bool | None,
+          forced: bool) -> None:
     """One side alone for `steps` steps; prints its peak RSS (the parent reads the last line)."""
+    force_lengths(forced)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         model_dir = common.speed_model(tmp, tiny)
@@ -231,7 +248,7 @@ def child(side: str, steps: int, tiny: bool, ours_bf16, trl_bf16: bool, compile_
             for _ in range(steps):
                 next(run)
         else:
-            trl_trainer(model_dir, tmp / "trl", steps, trl_bf16).train()
+            trl_trainer(model_dir, tmp / "trl", steps, trl_bf16, forced=forced).train()
         print(f"PEAK_RSS_MIB {common.peak_rss_mib():.1f}", flush=True)
 
 
@@ -239,7 +256,7 @@ def memory(args, steps: int) -> dict:
     peaks = {}
     for side in ("ours", "trl"):
         command = [sys.executable, __file__, "--child", side, "--steps", str(steps), "--isa", args.isa,
-                   "--precision", args.precision] + (["--tiny"] if args.tiny else []) \
+                   "--precision", args.precision, "--lengths", args.lengths] + (["--tiny"] if args.tiny else []) \
             + (["--compile"] if args.compile else ["--eager"] if args.eager else [])
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_MIB ")]
@@ -261,6 +278,9 @@ def main() -> int:
     parser.add_argument("--eager", action="store_true", help="ours with `compile: false`")
     parser.add_argument("--isa", default="native", choices=list(_isa.LEVELS),
                         help="cap the instruction set torch and oneDNN use (see bench/_isa.py)")
+    parser.add_argument("--lengths", default="forced", choices=("forced", "free"),
+                        help=f"forced: every answer on both sides {RESPONSE_TOKENS} tokens (the same work per step); "
+                             "free: each side stops at EOS")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
@@ -274,7 +294,7 @@ def main() -> int:
     ours_bf16 = {"auto": "auto", "bf16": True, "fp32": False}[args.precision]
     trl_bf16 = cpu_info().native_bf16 if args.precision == "auto" else args.precision == "bf16"
     if args.child:
-        child(args.child, args.steps, args.tiny, ours_bf16, trl_bf16, compile_)
+        child(args.child, args.steps, args.tiny, ours_bf16, trl_bf16, compile_, args.lengths == "forced")
         return 0
     import transformers
     import trl
@@ -285,7 +305,8 @@ def main() -> int:
           f"{ours_bf16}, compile {compile_ if compile_ is not None else 'default'}; TRL bf16 {trl_bf16}")
     results = {"machine": machine, "setting": {"group_size": GROUP, "answers_per_step": BATCH,
                                                "max_new_tokens": RESPONSE_TOKENS, "temperature": TEMPERATURE,
-                                               "beta": BETA, "lr": LR, "loss_type": "dapo", "tiny": args.tiny},
+                                               "beta": BETA, "lr": LR, "loss_type": "dapo", "tiny": args.tiny,
+                                               "lengths": args.lengths},
                "ours_bf16": ours_bf16, "trl_bf16": trl_bf16, "ours_compile": compile_}
     ok = True
     with tempfile.TemporaryDirectory() as name:
@@ -296,9 +317,11 @@ def main() -> int:
             results["check"] = loss_check(model_dir, tmp)
             ok &= results["check"]["pass"]
         if not args.skip_speed:
-            print(f"\n== speed: {label}, groups of {GROUP}, {BATCH} answers per step, up to {RESPONSE_TOKENS} new "
+            length = "exactly" if args.lengths == "forced" else "up to"
+            print(f"\n== speed: {label}, groups of {GROUP}, {BATCH} answers per step, {length} {RESPONSE_TOKENS} new "
                   f"tokens, {torch.get_num_threads()} threads ==")
-            results["speed"] = speed(model_dir, tmp, args.steps, ours_bf16, trl_bf16, compile_)
+            results["speed"] = speed(model_dir, tmp, args.steps, ours_bf16, trl_bf16, compile_,
+                                     args.lengths == "forced")
         if not args.skip_memory:
             results["memory"] = memory(args, args.steps + 1)
     if "speed" in results:

@@ -36,25 +36,28 @@ from rlhf.data import (
     encode_prompt,
     encode_response,
     next_batch,
+    pad_right,
     read_usable_preferences,
     resolve_data_path,
 )
 from rlhf.guard import BadSteps
-from rlhf.hardware import Precision, pick_device, resolve_bf16
+from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.models import (
     adapter_disabled,
     add_lora,
     answer_logprobs,
+    backbone_and_head,
     check_writable,
     count_parameters,
     gathered_for_saving,
     load_causal_lm,
     load_tokenizer,
     optimizer_and_schedule,
+    prompt_once_hidden,
     resolve_model_path,
     save_atomic,
 )
-from rlhf.ops import masked_sum
+from rlhf.ops import logprobs_from_logits, masked_sum
 from rlhf.tracking import RunLog, run_to_end, say, seed_everything
 
 Pair = tuple[list[int], list[int], list[int]]  # prompt ids, chosen ids, rejected ids
@@ -113,15 +116,26 @@ class Config:
 
 def pair_logprobs(model, batch: list[Pair], pad_id: int, device: torch.device,
                   bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs (2B,) of each pair's answers given the prompt, and their token counts (2B,).
+    """Summed log-probs (2B,) of each pair's answers given the prompt, and their token counts (2B,), the B chosen
+    first, then the B rejected, from ONE forward pass.
 
-    The B chosen first, then the B rejected, from ONE forward pass over the 2B right-padded sequences.
-    Logits are kept only from the shortest prompt's last token on (`logits_to_keep`): the positions
-    before it predict prompt tokens, which nothing scores, and the LM head is a large share of the cost.
+    A pair's two answers follow one copy of its prompt in one row (`prompt_once_hidden`: each answer sees the prompt
+    and itself, with its own positions), so the prompt is read once, not twice. Where the model cannot take that
+    (`backbone_and_head`), the 2B right-padded sequences, with logits kept only from the shortest prompt's last
+    token on (`answer_logprobs`).
     """
-    sequences = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
-    logprobs, mask = answer_logprobs(model, sequences, pad_id, device, bf16)
-    return masked_sum(logprobs, mask, dim=1), mask.sum(1)
+    if backbone_and_head(model) is None:
+        sequences = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
+        logprobs, mask = answer_logprobs(model, sequences, pad_id, device, bf16)
+        return masked_sum(logprobs, mask, dim=1), mask.sum(1)
+    answers = [c for _, c, _ in batch] + [r for _, _, r in batch]
+    targets, mask = pad_right(answers, pad_id)
+    with autocast(device, bf16):
+        hidden = prompt_once_hidden(model, [(p, [c, r]) for p, c, r in batch], device)  # c0, r0, c1, r1, ...
+        order = torch.arange(2 * len(batch)).view(-1, 2).T.reshape(-1)  # → c0, c1, ..., r0, r1, ...
+        logits = backbone_and_head(model)[1](hidden[order.to(device)])
+    mask = mask.bool().to(device)
+    return masked_sum(logprobs_from_logits(logits, targets.to(device)), mask, dim=1), mask.sum(1)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +27,7 @@ from rlhf import distributed
 from rlhf.config import cache_dir
 from rlhf.data import pad_right, position_ids_from_mask
 from rlhf.fast.casts import cast_norm_outputs_once, linears_to_bf16
-from rlhf.fast.compile import use_training_attention
+from rlhf.fast.compile import TRAINING_ATTENTION, use_training_attention
 from rlhf.hardware import autocast
 from rlhf.ops import logprobs_from_logits
 
@@ -435,6 +436,88 @@ def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         logits_to_keep=logits_to_keep,
     )
     return out.logits, (out.hidden_states[-1] if want_hidden else None)
+
+
+@dataclass
+class PackedRows:
+    """Rows that each hold a shared prefix once and several continuations after it (`pack_continuations`)."""
+    ids: torch.Tensor  # (N, W) right-padded
+    position_ids: torch.Tensor  # (N, W): every continuation's positions go on from the end of its prefix
+    allowed: torch.Tensor  # (N, W, W) bool [row, query, key]: what each token may attend to
+    starts: list[list[int]]  # per row, where each continuation starts in it
+
+
+def pack_continuations(rows: list[tuple[list[int], list[list[int]]]], pad_id: int) -> PackedRows:
+    """Each (prefix, continuations) as one row: the prefix once, then the continuations one after another. A
+    continuation sees the prefix and itself (causally), never another continuation, and its position ids go on
+    from the prefix's end, so each of its tokens has the hidden state it has in prefix + that continuation alone.
+    Padding sees only itself (no all-masked row, so no NaN). Run the backbone with `attention_mask=allowed[:, None]`
+    (4-D masks are taken as they are by SDPA-style attention)."""
+    width = max(len(prefix) + sum(len(c) for c in continuations) for prefix, continuations in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    allowed = torch.zeros((len(rows), width, width), dtype=torch.bool)
+    starts: list[list[int]] = []
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for i, (prefix, continuations) in enumerate(rows):
+        shared, at, row_starts = len(prefix), len(prefix), []
+        ids[i, :shared] = torch.tensor(prefix, dtype=torch.long)
+        position_ids[i, :shared] = torch.arange(shared)
+        allowed[i, :shared, :shared] = causal[:shared, :shared]
+        for continuation in continuations:
+            end = at + len(continuation)
+            ids[i, at:end] = torch.tensor(continuation, dtype=torch.long)
+            position_ids[i, at:end] = torch.arange(shared, shared + len(continuation))
+            allowed[i, at:end, :shared] = True
+            allowed[i, at:end, at:end] = causal[:end - at, :end - at]
+            row_starts.append(at)
+            at = end
+        starts.append(row_starts)
+        allowed[i, range(at, width), range(at, width)] = True  # padding sees itself
+    return PackedRows(ids, position_ids, allowed, starts)
+
+
+def backbone_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(backbone, LM head) of a causal LM (or a peft model around one) whose logits are the LM head of the
+    backbone's last hidden state and whose attention takes 4-D masks, so that `prompt_once_hidden` can run it; None
+    otherwise (attention other than SDPA-style, logits soft-capped or scaled, weights sharded with FSDP, whose units
+    run as a whole)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if (getattr(base.config, "_attn_implementation", None) not in ("sdpa", TRAINING_ATTENTION)
+            or not hasattr(base, "lm_head") or not hasattr(base, "model") or distributed.is_sharded(model)
+            or getattr(base.config, "final_logit_softcapping", None) or getattr(base.config, "logit_scale", None)):
+        return None
+    return base.model, base.lm_head
+
+
+def packed_width(groups: list[tuple[list[int], list[list[int]]]]) -> int:
+    """The width of `pack_continuations`' rows for these groups."""
+    return max(len(prompt) + sum(len(a) for a in answers) for prompt, answers in groups)
+
+
+def prompt_once_hidden(model, groups: list[tuple[list[int], list[list[int]]]], device: torch.device,
+                       width: int = 0) -> torch.Tensor:
+    """The last hidden states (N, T, hidden) at the positions that predict each answer's tokens, for groups of
+    answers to one prompt each, the prompt read once per group (`pack_continuations`): answer n's row holds the
+    state at its prompt's last token (which predicts its first token), then at each of its tokens but the last.
+    N counts the answers in group order; T is `width`, or the longest answer; past an answer's end the row repeats
+    its prompt's last state (finite, to be masked). The model must pass `backbone_and_head`; run it under autocast.
+    """
+    backbone, _ = backbone_and_head(model)
+    packed = pack_continuations(groups, pad_id=0)  # padding is never read: any id does
+    row_width = packed.ids.shape[1]
+    width = width or max(len(a) for _, answers in groups for a in answers)
+    index = []
+    for row, ((prompt, answers), starts) in enumerate(zip(groups, packed.starts)):
+        prompt_last = row * row_width + len(prompt) - 1
+        for answer, start in zip(answers, starts):
+            positions = torch.full((width,), prompt_last, dtype=torch.long)
+            used = min(len(answer), width - 1)
+            positions[1:used + 1] = row * row_width + start + torch.arange(used)
+            index.append(positions)
+    hidden = backbone(input_ids=packed.ids.to(device), attention_mask=packed.allowed[:, None].to(device),
+                      position_ids=packed.position_ids.to(device), use_cache=False).last_hidden_state
+    return hidden.flatten(0, 1)[torch.stack(index).to(device)]
 
 
 def answer_logprobs(model, sequences: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device,

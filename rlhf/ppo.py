@@ -58,6 +58,7 @@ from rlhf.hardware import Precision, autocast, pick_device, resolve_bf16
 from rlhf.models import (
     adapter_disabled,
     add_lora,
+    backbone_and_head,
     check_writable,
     count_parameters,
     forward_logits,
@@ -67,6 +68,8 @@ from rlhf.models import (
     load_reward_normalisation,
     load_tokenizer,
     optimizer_and_schedule,
+    packed_width,
+    prompt_once_hidden,
     resolve_model_path,
     save_atomic,
     score_sequences,
@@ -110,7 +113,8 @@ class Config:
                                                "short of enough groups, the last round's others fill the batch")
     overlong_buffer: int = cfg.field(0, "DAPO's soft overlong penalty: an answer longer than max_new_tokens - this "
                                         "loses up to 1 (linearly to the limit); 0 = off")
-    mini_batch_size: int = cfg.field(16, "responses per gradient step")
+    mini_batch_size: int = cfg.field(16, "responses per gradient step (with group_size, a multiple of it keeps a "
+                                         "prompt's answers in one mini-batch)")
     ppo_epochs: int = cfg.field(2, "passes over each batch")
     max_new_tokens: int = cfg.field(64, "longest response in tokens")
     max_prompt_length: int = cfg.field(128, "longer prompts are cut from the left or skipped (see truncation)")
@@ -189,23 +193,85 @@ class Config:
             raise cfg.ConfigError(f"'temperature' must be greater than 0 (PPO samples), got {self.temperature}")
 
 
+# a packed row (`shared_prompt_packing`) grows no wider than this or the unpacked width, whichever is larger:
+# attention's cost grows with the square of a row's width while the tokens saved grow only linearly
+PACKED_WIDTH = 512
+
+
+def shared_prompt_packing(model, rollout: Rollout, max_width: int = PACKED_WIDTH):
+    """The rollout's answers grouped behind one copy of their prompt (a group's answers, for GRPO and the other
+    group methods), for `prompt_once_hidden` → (groups, the rollout rows in group order); None when that saves
+    nothing (no two rows share a prompt, as in PPO with one answer per prompt) or the model cannot take it
+    (`backbone_and_head`). A group wider than the cap is split over several rows."""
+    if backbone_and_head(model) is None:
+        return None
+    rows, response_width = rollout.response_ids.shape
+    unpacked_width = rollout.prompt_ids.shape[1] + response_width
+    prompt_lengths, answer_lengths = rollout.prompt_mask.sum(1).tolist(), rollout.response_mask.sum(1).tolist()
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for row, length in enumerate(prompt_lengths):  # the prompts are left-padded
+        prompt = tuple(rollout.prompt_ids[row, rollout.prompt_ids.shape[1] - length:].tolist())
+        by_prompt.setdefault(prompt, []).append(row)
+    if len(by_prompt) == rows:
+        return None
+    cap = max(max_width, unpacked_width)
+    response_ids = rollout.response_ids.tolist()
+    groups, order = [], []
+    for prompt, members in by_prompt.items():
+        current: list[int] = []
+        for row in members + [None]:
+            if current and (row is None or len(prompt) + sum(answer_lengths[r] for r in current + [row]) > cap):
+                groups.append((list(prompt), [response_ids[r][:answer_lengths[r]] for r in current]))
+                order += current
+                current = []
+            if row is not None:
+                current.append(row)
+    if len(groups) * packed_width(groups) >= 0.9 * rows * unpacked_width:
+        return None
+    return groups, order
+
+
+def mini_batch_order(config: Config, device) -> torch.Tensor:
+    """A random order of the batch's rows for one epoch's mini-batches. With answers in groups (group_size > 1)
+    and mini-batches of whole groups, whole groups are shuffled (as verl counts its mini-batches in prompts): a
+    mini-batch then holds every answer to its prompts, and its passes read each prompt once
+    (`shared_prompt_packing`); shuffled row by row, a prompt's answers spread over the mini-batches and little is
+    shared."""
+    group = config.group_size
+    if group > 1 and config.mini_batch_size % group == 0:
+        groups = torch.randperm(config.batch_size // group, device=device)
+        return (groups[:, None] * group + torch.arange(group, device=device)).flatten()
+    return torch.randperm(config.batch_size, device=device)
+
+
 def response_logprobs_values(model, value_head, rollout: Rollout, temperature: float, bf16: bool, device,
                              want_values: bool = True, want_entropy: bool = False):
     """Log-probabilities (B, R) of the sampled response tokens, values (B, R) and entropy, from one forward pass.
 
     Logits are divided by the sampling temperature, so that the ratio π/π_old compares the same
-    distribution the tokens were drawn from. The sequence carries the sampling-time padding.
-    `value_head` None (a separate critic gives the values, see `critic_values`) means no values here.
+    distribution the tokens were drawn from. The sequence carries the sampling-time padding; or, where
+    several answers share a prompt, it is read once for all of them (`shared_prompt_packing`: every token has
+    the hidden state it has in its own sequence, to rounding). `value_head` None (a separate critic gives the
+    values, see `critic_values`) means no values here.
     """
     prompt_width, response_width = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
     want_values = want_values and value_head is not None
-    with autocast(device, bf16), fast.attention_for_width(device, prompt_width + response_width, bf16):
-        # position t predicts token t+1: the response tokens are predicted from prompt_width-1 on, so only the
-        # last response_width+1 positions need the LM head (the prompt's would be computed and thrown away)
-        logits, hidden = forward_logits(model, rollout.input_ids, rollout.attention_mask, want_hidden=want_values,
-                                        logits_to_keep=response_width + 1)
-        logits = logits[:, :-1]
-        values = value_head(hidden[:, prompt_width - 1:-1]).squeeze(-1).float() if want_values else None
+    packing = shared_prompt_packing(model, rollout)
+    width = packed_width(packing[0]) if packing else prompt_width + response_width
+    with autocast(device, bf16), fast.attention_for_width(device, width, bf16):
+        if packing:
+            groups, order = packing
+            hidden = prompt_once_hidden(model, groups, device, response_width)
+            hidden = hidden[torch.tensor(order).argsort().to(device)]  # back to the rollout's rows
+            logits = backbone_and_head(model)[1](hidden)
+        else:
+            # position t predicts token t+1: the response tokens are predicted from prompt_width-1 on, so only the
+            # last response_width+1 positions need the LM head (the prompt's would be computed and thrown away)
+            logits, hidden = forward_logits(model, rollout.input_ids, rollout.attention_mask, want_hidden=want_values,
+                                            logits_to_keep=response_width + 1)
+            logits = logits[:, :-1]
+            hidden = hidden[:, prompt_width - 1:-1] if want_values else None
+        values = value_head(hidden).squeeze(-1).float() if want_values else None
     if want_entropy:
         logprobs, entropy = logprobs_and_entropy_from_logits(logits, rollout.response_ids, rollout.response_mask,
                                                              temperature)
@@ -608,7 +674,7 @@ def training(config: Config) -> Iterator[dict]:
         update_stats: dict[str, list[float]] = {}
         for _ in range(config.ppo_epochs):
             # one order for every process (rank 0's draw); each process takes its rows of each mini-batch
-            permutation = distributed.from_rank0(torch.randperm(config.batch_size, device=device))
+            permutation = distributed.from_rank0(mini_batch_order(config, device))
             for first in range(0, config.batch_size, config.mini_batch_size):
                 index = permutation[first:first + config.mini_batch_size]
                 mine = distributed.part_of(len(index))

@@ -41,6 +41,7 @@ from rlhf.models import (
     load_reward_model,
     load_tokenizer,
     optimizer_and_schedule,
+    pack_continuations,
     resolve_model_path,
     save_atomic,
     score_sequences,
@@ -107,25 +108,15 @@ def pair_scores(model, pairs: list[tuple[list[int], list[int]]], pad_id: int,
         ids, attention = pad_right([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
         scores = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits[:, 0]
         return scores.float().chunk(2)
-    rows, positions, ends = [], [], []
-    for chosen, rejected in pairs:
-        shared = shared_prefix_length(chosen, rejected)
-        rows.append(chosen + rejected[shared:])
-        positions.append(list(range(len(chosen))) + list(range(shared, len(rejected))))
-        ends.append((len(chosen) - 1, len(rows[-1]) - 1))
-    ids, _ = pad_right(rows, pad_id)
-    position_ids, _ = pad_right(positions, 0)
-    width = ids.shape[1]
-    allowed = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)  # [row, query, key]
-    for i, ((chosen, rejected), row) in enumerate(zip(pairs, rows)):
-        shared = len(chosen) + len(rejected) - len(row)
-        allowed[i, len(chosen):, shared:len(chosen)] = False  # the rejected rest does not see the chosen rest
-        allowed[i, len(row):] = False  # padding...
-    allowed |= torch.eye(width, dtype=torch.bool)  # ...sees itself only
-    hidden = backbone(input_ids=ids.to(device), attention_mask=allowed[:, None].to(device),
-                      position_ids=position_ids.to(device), use_cache=False).last_hidden_state
-    index = torch.tensor(ends, device=device)  # (B, 2): last token of the chosen, of the rejected
-    rows_index = torch.arange(len(rows), device=device)[:, None]
+    shared = [shared_prefix_length(chosen, rejected) for chosen, rejected in pairs]
+    packed = pack_continuations([(chosen[:n], [chosen[n:], rejected[n:]])
+                                 for (chosen, rejected), n in zip(pairs, shared)], pad_id)
+    hidden = backbone(input_ids=packed.ids.to(device), attention_mask=packed.allowed[:, None].to(device),
+                      position_ids=packed.position_ids.to(device), use_cache=False).last_hidden_state
+    ends = [(first + len(chosen) - n - 1, second + len(rejected) - n - 1)  # the last token of each conversation
+            for (chosen, rejected), n, (first, second) in zip(pairs, shared, packed.starts)]
+    index = torch.tensor(ends, device=device)  # (B, 2)
+    rows_index = torch.arange(len(pairs), device=device)[:, None]
     scores = head(hidden[rows_index, index])[..., 0].float()  # (B, 2)
     return scores[:, 0], scores[:, 1]
 

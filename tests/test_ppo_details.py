@@ -113,3 +113,18 @@ def test_every_end_token_of_the_generation_config_stops_a_response(tiny_model):
     model.generation_config.eos_token_id = list(range(len(tokenizer)))
     rollout = sample(model, tokenizer, [[{"role": "user", "content": "Hi"}]] * 3, 6, bf16=False)
     assert rollout.ended.all() and rollout.lengths.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("group_size, mini_batch_size, whole_groups", [(4, 8, True), (4, 6, False), (1, 8, False)])
+def test_mini_batches_keep_a_prompts_answers_together_when_they_can(group_size, mini_batch_size, whole_groups):
+    config = ppo.Config(batch_size=24, mini_batch_size=mini_batch_size, group_size=group_size)  # 6: not whole groups
+    torch.manual_seed(0)
+    orders = [ppo.mini_batch_order(config, torch.device("cpu")) for _ in range(5)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(24))
+        if whole_groups:  # each run of group_size rows is one group, in order
+            runs = order.view(-1, group_size)
+            assert (runs[:, 0] % group_size == 0).all() and (runs.diff(dim=1) == 1).all()
+    assert len({tuple(o.tolist()) for o in orders}) == 5  # random
+    if not whole_groups and group_size > 1:  # row by row: some group is split
+        assert any(((o.view(-1, group_size).diff(dim=1) != 1).any()) for o in orders)

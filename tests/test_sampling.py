@@ -242,3 +242,66 @@ def test_rollouts_sampled_apart_join_with_the_same_log_probs(tiny_model):
     assert torch.allclose(together[0, :width][short.response_mask[0]], apart[0][0][short.response_mask[0]], atol=1e-5)
     assert torch.allclose(together[1:, :long.response_ids.shape[1]][long.response_mask], apart[1][long.response_mask],
                           atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_answers_to_one_prompt_read_it_once_with_the_numbers_of_one_row_each(tiny_model, monkeypatch, lora):
+    """`ppo.shared_prompt_packing`: a group's answers packed behind one copy of their prompt give each answer token
+    the log-probability, value and entropy it has in its own row, and the same gradients."""
+    from rlhf import ppo
+    from rlhf.models import add_lora
+    from rlhf.rollout import sample
+
+    model, tokenizer = load_causal_lm(tiny_model, CPU), load_tokenizer(tiny_model)
+    if lora:
+        model = add_lora(model, r=4, alpha=8)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the adapter count
+                torch.nn.init.normal_(p, std=0.5)
+    torch.manual_seed(0)
+    value_head = torch.nn.Linear(model.config.hidden_size, 1)
+    # three answers to the first prompt, two to the second, one to the third; lengths vary (EOS or the limit)
+    rollout = sample(model, tokenizer, [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2 + [PROMPTS[2]], 12, temperature=1.5,
+                     bf16=False)
+    assert rollout.lengths.unique().numel() > 1
+    packing = ppo.shared_prompt_packing(model, rollout)
+    assert packing is not None and [len(answers) for _, answers in packing[0]] == [3, 2, 1]  # one row per prompt
+    assert sorted(packing[1]) == list(range(6))
+
+    def forward():
+        model.zero_grad(set_to_none=True)
+        value_head.zero_grad(set_to_none=True)
+        logprobs, values, entropy = ppo.response_logprobs_values(model, value_head, rollout, 0.7, False, CPU,
+                                                                 want_entropy=True)
+        mask = rollout.response_mask
+        (logprobs[mask].sum() + values[mask].pow(2).sum()).backward()
+        grads = {k: p.grad.clone() for k, p in [*model.named_parameters(), *value_head.named_parameters()]
+                 if p.grad is not None}
+        return logprobs.detach(), values.detach(), entropy, grads
+
+    packed = forward()
+    monkeypatch.setattr(ppo, "shared_prompt_packing", lambda *args, **kwargs: None)
+    plain = forward()
+    mask = rollout.response_mask
+    for got, want in zip(packed[:3], plain[:3]):
+        torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(got).all()
+    assert packed[3].keys() == plain[3].keys() and len(plain[3]) > 2
+    for name, grad in plain[3].items():
+        torch.testing.assert_close(packed[3][name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_one_answer_per_prompt_is_not_packed(tiny_model):
+    from rlhf import ppo
+    from rlhf.models import packed_width
+    from rlhf.rollout import sample
+
+    model, tokenizer = load_causal_lm(tiny_model, CPU), load_tokenizer(tiny_model)
+    torch.manual_seed(0)
+    assert ppo.shared_prompt_packing(model, sample(model, tokenizer, PROMPTS, 6, bf16=False)) is None
+    grouped = sample(model, tokenizer, PROMPTS * 4, 6, bf16=False)
+    assert ppo.shared_prompt_packing(model, grouped) is not None
+    # the cap: a packed row grows no wider than the cap or the unpacked width, whichever is larger
+    capped = ppo.shared_prompt_packing(model, grouped, max_width=1)
+    assert capped is None or packed_width(capped[0]) <= grouped.input_ids.shape[1]
+    assert packed_width(ppo.shared_prompt_packing(model, grouped)[0]) > grouped.input_ids.shape[1]

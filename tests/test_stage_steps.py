@@ -129,3 +129,28 @@ def test_dpo_training_yields_each_step(tiny_model, write_jsonl, tmp_path):
                    + len(encode_response(tokenizer, p["chosen"])) + len(encode_response(tokenizer, p["rejected"]))
                    for p in PAIRS)
     assert all(s["batch_tokens"] == expected for s in steps)
+
+
+def test_dpo_pair_log_probs_read_the_prompt_once_with_the_numbers_of_two_rows(tiny_model, monkeypatch):
+    """`dpo.pair_logprobs`: a pair's answers behind one copy of the prompt give the summed log-probabilities, token
+    counts and gradients of two separate rows."""
+    tokenizer = load_tokenizer(tiny_model)
+    model = load_causal_lm(tiny_model, torch.device("cpu"))
+    batch = [(encode_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}]),
+              encode_response(tokenizer, p["chosen"]), encode_response(tokenizer, p["rejected"])) for p in PAIRS]
+    batch.append((batch[0][0], batch[0][1][:1], batch[1][2]))  # a one-token answer beside a long one
+
+    def logprobs_and_grads():
+        model.zero_grad(set_to_none=True)
+        logprobs, counts = dpo.pair_logprobs(model, batch, tokenizer.pad_token_id, torch.device("cpu"), False)
+        (logprobs * torch.linspace(1, 2, len(logprobs))).sum().backward()
+        return logprobs.detach(), counts, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    assert dpo.backbone_and_head(model) is not None
+    packed = logprobs_and_grads()
+    monkeypatch.setattr(dpo, "backbone_and_head", lambda model: None)
+    plain = logprobs_and_grads()
+    assert packed[1].tolist() == plain[1].tolist() == [len(c) for _, c, _ in batch] + [len(r) for _, _, r in batch]
+    torch.testing.assert_close(packed[0], plain[0], atol=1e-4, rtol=1e-5)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(packed[2][name], grad, atol=1e-4, rtol=1e-4, msg=name)
