@@ -7,13 +7,13 @@ A script, not a test: TRL 1.16 lives in its own environment (`make .venv-trl116/
 
 The setting, the same on both sides: the embedded SmolLM2-135M-Instruct as policy and (a second copy) reference;
 prompts from the built-in arithmetic task (builtin:arithmetic_train), given to TRL with our chat template applied;
-the reward `bench/_arithmetic_rewards.py:reward` (the checker plus a small brevity bonus), no reward model; groups of
-4 answers to 2 prompts per step (8 answers), at most 48 new tokens at temperature 0.7 (top-p 1, top-k off); GRPO's
-advantages (group mean and unbiased std, + 1e-4); the clipped surrogate (ε = 0.2) with the k3 KL to the reference
-as a loss term, β = 0.04, aggregated as the token mean over the batch (TRL `loss_type="dapo"`, ours
-`loss_aggregation: token`); one update per batch (TRL `num_iterations=1`, ours `ppo_epochs: 1` with one
-mini-batch); AdamW at TRL's default learning rate 1e-6, linear decay, gradient clipping at 1.0; no missing-EOS
-penalty (TRL has none).
+the reward `bench/_arithmetic_rewards.py:reward` (the checker plus a small brevity bonus), no reward model; groups
+of 4 answers to 2 prompts per step (8 answers), 48 new tokens (exactly, by default: see 2.) at temperature 0.7
+(top-p 1, top-k off); GRPO's advantages (group mean and unbiased std, + 1e-4); the clipped surrogate (ε = 0.2) with
+the k3 KL to the reference as a loss term, β = 0.04, aggregated as the token mean over the batch (TRL
+`loss_type="dapo"`, ours `loss_aggregation: token`); one update per batch (TRL `num_iterations=1`, ours
+`ppo_epochs: 1` with one mini-batch); AdamW at TRL's default learning rate 1e-6, linear decay, gradient clipping at
+1.0; no missing-EOS penalty (TRL has none).
 
 1. First-batch loss check, fp32, on the speed part's model. Ours runs its first step (`rlhf.ppo.training` with
    `rlhf.grpo.Config`); the bench keeps that step's batch (prompt and completion ids, masks, rewards). TRL's
