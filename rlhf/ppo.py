@@ -219,13 +219,15 @@ def shared_prompt_packing(model, rollout: Rollout, max_width: int = PACKED_WIDTH
     groups, order = [], []
     for prompt, members in by_prompt.items():
         current: list[int] = []
+        filled = len(prompt)  # the current packed row's width so far
         for row in members + [None]:
-            if current and (row is None or len(prompt) + sum(answer_lengths[r] for r in current + [row]) > cap):
+            if current and (row is None or filled + answer_lengths[row] > cap):
                 groups.append((list(prompt), [response_ids[r][:answer_lengths[r]] for r in current]))
                 order += current
-                current = []
+                current, filled = [], len(prompt)
             if row is not None:
                 current.append(row)
+                filled += answer_lengths[row]
     if len(groups) * packed_width(groups) >= 0.9 * rows * unpacked_width:
         return None
     return groups, order
