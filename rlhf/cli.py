@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf {command}: error{where}: {' '.join(str(e).split()).removeprefix(f'rlhf {command}: ')}",
               file=sys.stderr)
         return 2
-    except StageInterrupted as e:
+    except StageInterrupted as e:  # every process stopped after the same step: leave the process group together,
+        # since exiting with it still up can abort in gloo's threads (exit code -6 rather than 128 + the signal)
+        distributed.stop()
         print(f"\nrlhf {command}: {e}", file=sys.stderr)
         return 128 + e.signal_number
     except KeyboardInterrupt:

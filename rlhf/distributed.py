@@ -334,7 +334,7 @@ def gathered(*models: torch.nn.Module | None) -> Iterator[None]:
         root._get_fsdp_state()._lazy_init()
     # no resharding after a forward pass inside the block (a unit without a post-forward mesh keeps its weights, as
     # the root does for the backward that follows its forward), each unit's own choice restored after
-    groups = [group for unit in units for group in unit._get_fsdp_state()._fsdp_param_groups]
+    groups = [group for unit in units for group in _param_groups(unit._get_fsdp_state())]
     meshes = [group.post_forward_mesh_info for group in groups]
     for group in groups:
         group.post_forward_mesh_info = None
@@ -347,6 +347,14 @@ def gathered(*models: torch.nn.Module | None) -> Iterator[None]:
             group.post_forward_mesh_info = mesh
         for unit in units:
             unit.reshard()
+
+
+def _param_groups(state) -> list:
+    """An FSDP unit's parameter groups: a list in torch 2.13 (`_fsdp_param_groups`), one group or None in torch 2.11
+    (`_fsdp_param_group`), which CUDA machines may still have."""
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

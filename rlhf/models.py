@@ -195,10 +195,12 @@ def load_causal_lm(path: str | Path, device: torch.device, trainable: bool = Tru
     Frozen models stay float32 too: a bf16-stored reference would differ from the autocast policy by ~0.3 nats
     per answer at step 0 (its residual stream rounds to bf16 in every layer), and that noise would enter the
     KL penalty. With `bf16_linears` a frozen model keeps only its Linear weights in bf16 (`linears_to_bf16`):
-    the same numbers under autocast, without the per-forward casts; use it under bf16 autocast only."""
+    the same numbers under autocast, without the per-forward casts; use it under bf16 autocast only.
+    Hub kernels stay off (`use_kernels=False`): transformers would otherwise swap layers for kernels it downloads
+    when a model first moves to a GPU and trains, which fails offline and would bypass this project's own paths."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=False)
     disable_dropout(model)
     cast_norm_outputs_once(model)
     use_training_attention(model)
@@ -222,7 +224,8 @@ def load_reward_model(path: str | Path, device: torch.device, tokenizer, trainab
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                                   use_kernels=False)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = reward_pad_id(tokenizer)

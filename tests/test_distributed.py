@@ -437,6 +437,16 @@ def test_a_global_batch_splits_into_slices_that_differ_by_at_most_one():
         distributed.shard(batch[:2], 0, 3)
 
 
+def test_an_fsdp_units_parameter_groups_are_read_from_either_torch_layout():
+    """torch 2.13 keeps a list (`_fsdp_param_groups`), torch 2.11 one group or None (`_fsdp_param_group`)."""
+    from types import SimpleNamespace
+
+    first, second = object(), object()
+    assert distributed._param_groups(SimpleNamespace(_fsdp_param_groups=[first, second])) == [first, second]
+    assert distributed._param_groups(SimpleNamespace(_fsdp_param_group=first)) == [first]
+    assert distributed._param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
+
+
 def test_fsdp_setting_is_checked(tiny_model, files):
     from rlhf import config as cfg
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlhf import config as cfg
 from rlhf import sft
@@ -102,3 +103,17 @@ eval: {{max_prompts: 4, max_new_tokens: 6, harmful_prompts: none}}
     assert done.stdout.count("[precision]") == 1  # said once per run, not once per stage
     for stage in ("sft", "reward", "ppo", "dpo"):
         assert (tmp_path / "run" / stage / "config.json").is_file()
+
+
+def test_models_load_without_hub_kernels(tiny_model):
+    """transformers turns hub kernels on by default (they replace layers on the first train() on a GPU, downloading
+    code, which fails offline); every model the stages load keeps them off."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+
+    cpu = torch.device("cpu")
+    assert AutoModelForCausalLM.from_pretrained(tiny_model).use_kernels  # the library's default, which we override
+    assert not load_causal_lm(tiny_model, cpu).use_kernels
+    assert not load_causal_lm(tiny_model, cpu, trainable=False).use_kernels
+    assert not load_reward_model(tiny_model, cpu, load_tokenizer(tiny_model)).use_kernels
