@@ -227,10 +227,12 @@ class TimedGeneration:
         original = in_autocast(self.original) if autocast else self.original
 
         def timed(*args, **kwargs):
+            synchronize()  # on a GPU the kernels queued before and inside count where they belong
             began = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                synchronize()
                 self.seconds += time.perf_counter() - began
 
         timed.timed_original = self.original
@@ -258,6 +260,7 @@ def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, setting
 
         def on_train_begin(self, args, state, control, **kwargs):
             generation.take()
+            synchronize()
             self.mark = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -265,6 +268,7 @@ def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, setting
                 self.logs = logs
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize()  # each side's queued GPU work is counted in its own iteration, not the other's
             trl_seconds = time.perf_counter() - self.mark
             logs = getattr(self, "logs", {})
             record["trl"].append({"seconds": trl_seconds, "generation_seconds": generation.take(),
@@ -272,6 +276,7 @@ def alternate(policy_dir: Path, reward_dir: Path, tmp: Path, steps: int, setting
                                   "response_tokens": None})
             began = time.perf_counter()
             row = next(ours_steps)
+            synchronize()
             record["ours"].append({"seconds": time.perf_counter() - began,
                                    "generation_seconds": row["generation_seconds"],
                                    "kl": row["kl"], "score": row["score"],

@@ -532,6 +532,8 @@ def sample_round(models: Models, config: Config, batch_prompts: list[Messages], 
     rows = slice(groups.start * k, groups.stop * k)
     prompts_here = batch_prompts[rows]  # empty on a process left idle by a round of fewer prompts than processes
     fields_here = {key: values[rows] for key, values in batch_fields.items()}
+    if device.type == "cuda":  # the last update's queued kernels are not sampling time
+        torch.cuda.synchronize(device)
     began = time.time()
     rollout = raw = scores = None
     means: dict[str, float] = {}
@@ -540,6 +542,8 @@ def sample_round(models: Models, config: Config, batch_prompts: list[Messages], 
             rollout = sample(models.policy, models.tokenizer, prompts_here, config.max_new_tokens, config.temperature,
                              batch_size=config.generation_batch_size, bf16=bf16,
                              compiled=config.compile and config.compile_decode).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.time() - began
     with distributed.gathered(models.reward_model):
         if rollout is not None:
