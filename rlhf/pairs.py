@@ -6,6 +6,10 @@ the result is written as preference JSONL (`prompt`, `chosen`, `rejected`) that 
 The built-in annotator is the simulated one (`rlhf.annotators`), a noisy stand-in for a person.
 With `annotator: none` the responses are written unlabelled as candidates
 (`prompt`, `responses`) for people to label in `rlhf annotate`.
+An answer can be given its first words (`openings`, for every prompt or per prompt row): the model goes on from
+them. Two answers a model samples freely often do the same thing (both decline, both answer), and a pair of them
+says nothing about that choice; an answer that opens as a refusal beside a free one puts the choice in front of
+the annotator, who ranks the pair like any other.
 Under torchrun each process answers its part of the prompts with a whole copy of the model (sampling needs no
 gradients or optimiser state to shard, and a whole copy samples without any collective per token); rank 0 gathers
 the answers, has them labelled and writes the file.
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from rlhf import config as cfg
 from rlhf import distributed
-from rlhf.data import fit_prompts, prompt_for_output, prompt_text, read_prompts, resolve_data_path, write_jsonl
+from rlhf.data import LengthPolicy, prompt_for_output, prompt_text, read_prompt_rows, resolve_data_path, write_jsonl
 from rlhf.hardware import Precision, pick_device, resolve_bf16
 from rlhf.models import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rollout import sample
@@ -38,6 +42,10 @@ class Config:
     max_prompt_length: int = cfg.field(256, "longer prompts are cut from the left or skipped (see truncation)")
     truncation: str = cfg.field("truncate", "prompts over max_prompt_length: truncate or skip")
     temperature: float = cfg.field(1.0, "sampling temperature (diverse answers make informative pairs)")
+    openings: list[str] = cfg.field([], "text that answer i of each prompt starts with, then sampled on ('' or none "
+                                         "listed: sampled from the start); a prompt row's own `openings` field "
+                                         "overrides it. An opening puts an answer the model gives rarely beside "
+                                         "the ones it gives often")
     annotator: str = cfg.field("simulated", "who chooses: simulated, or none to write unlabelled candidates")
     annotator_noise: float = cfg.field(0.1, "label noise of the simulated annotator (Bradley–Terry temperature on the "
                                             "gold score)")
@@ -47,9 +55,21 @@ class Config:
     seed: int = cfg.field(0, "random seed")
 
 
+def answer_openings(openings, n_responses: int, where: str) -> list[str]:
+    """The opening of each of a prompt's `n_responses` answers ('' = sampled from the start), from a list of at
+    most that many strings."""
+    if not isinstance(openings, list) or not all(isinstance(o, str) for o in openings):
+        raise ValueError(f"{where}: openings must be a list of strings, got {openings!r}")
+    if len(openings) > n_responses:
+        raise ValueError(f"{where}: openings: at most one per response (n_responses={n_responses}), got "
+                         f"{len(openings)}")
+    return openings + [""] * (n_responses - len(openings))
+
+
 def main(config: Config) -> dict:
     if config.n_responses < 2:
         raise ValueError(f"n_responses must be at least 2 to make a pair, got {config.n_responses}")
+    answer_openings(config.openings, config.n_responses, "openings")
     if config.annotator not in ("simulated", "none"):
         raise ValueError(f"annotator must be 'simulated' or 'none', got '{config.annotator}'")
     seed_everything(config.seed + distributed.rank())  # each process its own random stream
@@ -59,12 +79,17 @@ def main(config: Config) -> dict:
     out = Path(config.output_dir)
 
     # 1. prompts and the answering model
-    prompts = read_prompts(resolve_data_path(config.data))
+    rows = read_prompt_rows(resolve_data_path(config.data))
     if config.max_prompts:
-        prompts = prompts[: config.max_prompts]
+        rows = rows[: config.max_prompts]
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path)
-    prompts, lengths = fit_prompts(tokenizer, prompts, config.max_prompt_length, config.truncation)
+    openings = [answer_openings(fields.get("openings", config.openings), config.n_responses,
+                                f"{config.data}: row {number}") for number, (_, fields) in enumerate(rows, 1)]
+    lengths = LengthPolicy(config.max_prompt_length, config.truncation)  # row by row, so each keeps its openings
+    fitted = [(fit, opening) for (p, _), opening in zip(rows, openings)
+              if (fit := lengths.fit_prompt_messages(tokenizer, p)) is not None]
+    prompts, openings_of = [p for p, _ in fitted], [o for _, o in fitted]
     if not prompts:
         raise ValueError(f"{config.data}: every prompt is longer than max_prompt_length={config.max_prompt_length}")
     model = load_causal_lm(model_path, device, trainable=False, bf16_linears=bf16)
@@ -74,10 +99,11 @@ def main(config: Config) -> dict:
     # 2. sample every prompt n times in one batched pass (under torchrun: this process's part of the prompts, then
     #    every process's answers in prompt order)
     repeated = [p for p in distributed.my_part(prompts) for _ in range(config.n_responses)]
+    openings = [o for per_prompt in distributed.my_part(openings_of) for o in per_prompt]
     texts, ended = [], []
     if repeated:
         rollout = sample(model, tokenizer, repeated, config.max_new_tokens, config.temperature,
-                         batch_size=config.batch_size, bf16=bf16, progress=distributed.is_main())
+                         batch_size=config.batch_size, bf16=bf16, progress=distributed.is_main(), openings=openings)
         texts, ended = rollout.texts, rollout.ended.tolist()
     parts = distributed.gather_objects((texts, ended))
     texts, ended = [t for part in parts for t in part[0]], [e for part in parts for e in part[1]]

@@ -170,13 +170,20 @@ def sample(
     greedy: bool = False,
     min_new_tokens: int = 0,
     compiled: bool = False,
+    openings: list[str] | None = None,
 ) -> Rollout:
     """Sample one response per prompt. Prompts are batched `batch_size` at a time (big batches are several times
     faster per token on CPU), then stitched into one right-padded Rollout. `compiled`: decode steps as compiled
-    graphs (`LayerStackDecoder`), for long runs."""
+    graphs (`LayerStackDecoder`), for long runs. `openings`: per prompt, text the response starts with (prefilled
+    after the assistant header, then sampled on; '' = none): its tokens count as prompt ids, its text is the start
+    of the returned text."""
     device = next(model.parameters()).device
     stops = stop_ids(model, tokenizer)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if openings is not None and len(openings) != len(prompts):
+        raise ValueError(f"openings: one per prompt, got {len(openings)} for {len(prompts)} prompts")
+    openings = openings or [""] * len(prompts)
+    encoded = [encode_prompt(tokenizer, p) + (tokenizer.encode(o, add_special_tokens=False) if o else [])
+               for p, o in zip(prompts, openings)]
     pieces = []
     chunks = range(0, len(encoded), batch_size)
     if progress:
@@ -203,7 +210,7 @@ def sample(
     response_ids, response_mask, ended = truncate_at_eos(torch.cat(all_response), stops, pad)
     texts = tokenizer.batch_decode(response_ids.masked_fill(~response_mask, pad), skip_special_tokens=True)
     return Rollout(torch.cat(all_prompt), torch.cat(all_prompt_mask), response_ids, response_mask, ended,
-                   [t.strip() for t in texts])
+                   [(o + t).strip() for o, t in zip(openings, texts)])
 
 
 def concatenate(rollouts: list[Rollout], pad_id: int) -> Rollout:

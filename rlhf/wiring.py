@@ -36,12 +36,23 @@ def stage_config(cls: type, name: str, *, section: dict[str, Any], wiring: dict[
 
 
 def input_fingerprints(config: Any) -> dict[str, str]:
-    """The fingerprint (`cfg.fingerprint`) of every file or folder the config names, its output excepted."""
+    """The fingerprint (`cfg.fingerprint`) of every file or folder the config names, its output excepted; a built-in
+    data set (`builtin:NAME`) by the file it resolves to, so that a package whose built-in data changed reruns the
+    stages that read it."""
+    from rlhf.data import resolve_data_path
+
     found = {}
     for key, value in cfg.to_dict(config).items():
         values = value if isinstance(value, list) else [value]
         for i, item in enumerate(values):
-            if key != "output_dir" and isinstance(item, str) and item and Path(item).exists():
+            if key == "output_dir" or not isinstance(item, str) or not item:
+                continue
+            if item.startswith("builtin:"):
+                try:
+                    item = str(resolve_data_path(item))
+                except (OSError, ValueError):  # unknown or unavailable: the stage itself says so
+                    continue
+            if Path(item).exists():
                 found[key if len(values) == 1 else f"{key}[{i}]"] = cfg.fingerprint(item)
     return found
 

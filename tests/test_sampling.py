@@ -305,3 +305,27 @@ def test_one_answer_per_prompt_is_not_packed(tiny_model):
     capped = ppo.shared_prompt_packing(model, grouped, max_width=1)
     assert capped is None or packed_width(capped[0]) <= grouped.input_ids.shape[1]
     assert packed_width(ppo.shared_prompt_packing(model, grouped)[0]) > grouped.input_ids.shape[1]
+
+
+def test_an_opening_is_prefilled_then_sampled_on_and_starts_the_text(tiny_model):
+    """`sample(openings=...)`: the opening's tokens follow the assistant header as prompt ids, the answer goes on
+    from them (greedy: as if the opening had been typed into the prompt), and the text starts with the opening."""
+    from rlhf.rollout import sample
+
+    model, tokenizer = load_causal_lm(tiny_model, CPU, trainable=False), load_tokenizer(tiny_model)
+    openings = ["", "I can't help with", "I don't know"]
+    opened = sample(model, tokenizer, PROMPTS, 5, greedy=True, bf16=False, openings=openings)
+    plain = sample(model, tokenizer, PROMPTS[:1], 5, greedy=True, bf16=False)
+    assert opened.texts[0] == plain.texts[0]
+    for row, (prompt, opening) in enumerate(zip(PROMPTS, openings)):
+        assert opened.texts[row].startswith(opening)
+        expected = encode_prompt(tokenizer, prompt) + tokenizer.encode(opening, add_special_tokens=False)
+        assert opened.prompt_ids[row][opened.prompt_mask[row].bool()].tolist() == expected
+        ids = torch.tensor([expected])
+        with torch.no_grad():
+            continuation = decode(model, ids, torch.ones_like(ids, dtype=torch.bool), 5, [], tokenizer.pad_token_id,
+                                  1.0, 1.0, True, 0)
+        assert opened.response_ids[row][opened.response_mask[row].bool()].tolist() == \
+            continuation[0][:int(opened.response_mask[row].sum())].tolist()
+    with pytest.raises(ValueError, match="one per prompt"):
+        sample(model, tokenizer, PROMPTS, 2, bf16=False, openings=["x"])

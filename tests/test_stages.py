@@ -81,6 +81,30 @@ def test_pairs_writes_preferences_and_candidates(tiny_model, write_jsonl, tmp_pa
     assert len(cands) == 4 and all(len(c["responses"]) == 2 for c in cands)
 
 
+def test_pairs_openings_start_the_answers_they_are_given_to(tiny_model, write_jsonl, tmp_path):
+    """`openings`: answer i of every prompt starts with opening i; answers past the list are sampled from the start."""
+    prompts = write_jsonl("prompts.jsonl", PROMPTS[:3])
+    pairs.main(pairs.Config(model=str(tiny_model), data=str(prompts), output_dir=str(tmp_path / "c"), n_responses=3,
+                            openings=["Sorry,", "I don't know"], max_new_tokens=4, annotator="none", bf16=False))
+    cands = [json.loads(line) for line in (tmp_path / "c" / "candidates.jsonl").read_text().splitlines()]
+    assert len(cands) == 3
+    assert all(c["responses"][0].startswith("Sorry,") and c["responses"][1].startswith("I don't know") for c in cands)
+    # a prompt row's own openings win over the config's
+    rows = [{"prompt": PROMPTS[0]["prompt"], "openings": ["", "", "No."]}, {"prompt": PROMPTS[1]["prompt"]}]
+    own = write_jsonl("own.jsonl", rows)
+    pairs.main(pairs.Config(model=str(tiny_model), data=str(own), output_dir=str(tmp_path / "o"), n_responses=3,
+                            openings=["Yes"], max_new_tokens=4, annotator="none", bf16=False))
+    first, second = [json.loads(line) for line in (tmp_path / "o" / "candidates.jsonl").read_text().splitlines()]
+    assert first["responses"][2].startswith("No.") and second["responses"][0].startswith("Yes")
+    bad = write_jsonl("bad.jsonl", [{"prompt": PROMPTS[0]["prompt"], "openings": "No."}])
+    with pytest.raises(ValueError, match="row 1: openings must be a list"):
+        pairs.main(pairs.Config(model=str(tiny_model), data=str(bad), output_dir=str(tmp_path / "b"),
+                                annotator="none", bf16=False))
+    with pytest.raises(ValueError, match="at most one per response"):
+        pairs.main(pairs.Config(model=str(tiny_model), data=str(prompts), output_dir=str(tmp_path / "x"),
+                                n_responses=2, openings=["a", "b", "c"]))
+
+
 def test_reward_trains_on_pairs_longer_than_max_length(tiny_model, write_jsonl, tmp_path):
     """Pairs over max_length keep their answers' ends (the prompt's start goes), so chosen and rejected still differ:
     the loss is not stuck at log 2 and the cut is counted."""
