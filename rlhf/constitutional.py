@@ -461,7 +461,7 @@ def main(config: Config) -> dict:
         # 5. held-out refusals and helpfulness: the starting model (before), after SFT, after DPO/PPO
         "eval": (functools.partial(evaluate_safety, names=names), configs["eval"]),
     }
-    results, _ = wiring.run_road(steps, run / "stages", road="constitutional")
+    results, _ = wiring.run_road(steps, run / "stages", road="constitutional", resolve=resolve_data_path)
     (run / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from rlhf import config as cfg
 from rlhf import distributed, dpo, evaluate, pairs, ppo, reward, sft, wiring
+from rlhf.data import resolve_data_path
 from rlhf.hardware import Precision
 from rlhf.results import format_result
 from rlhf.tracking import say
@@ -82,7 +83,8 @@ def main(config: Config) -> dict:
     names = {config.model: "as shipped", **{str(run / stage): label for stage, label in NAMES.items()}}
     runners = {name: functools.partial(evaluate.main, names=names) if name == "eval" else STAGES[name].main
                for name in configs}
-    results, ran = wiring.run_road({name: (runners[name], c) for name, c in configs.items()}, run / "stages")
+    results, ran = wiring.run_road({name: (runners[name], c) for name, c in configs.items()}, run / "stages",
+                                    resolve=resolve_data_path)
     if not distributed.is_main():  # under torchrun: rank 0 reports
         return results
     if "eval" not in ran:  # nothing ran this time: show the finished run's table again

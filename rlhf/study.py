@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rlhf import config as cfg
 from rlhf import evaluate, ppo, wiring
+from rlhf.data import resolve_data_path
 from rlhf.hardware import Precision
 from rlhf.plots import figure_png, new_figure
 from rlhf.results import result_rows
@@ -168,7 +169,8 @@ def main(config: Config) -> dict:
     for number, (beta, ppo_cfg) in enumerate(configs.items(), start=1):
         say(f"[study] β={beta:g} ({number}/{len(configs)}): PPO → {ppo_cfg.output_dir}")
         began = time.time()
-        _, ran = wiring.run_stage("ppo", ppo.main, ppo_cfg, Path(ppo_cfg.output_dir).parent / "stages", road="study")
+        _, ran = wiring.run_stage("ppo", ppo.main, ppo_cfg, Path(ppo_cfg.output_dir).parent / "stages", road="study",
+                             resolve=resolve_data_path)
         if ran:
             ppo_seconds[beta] = time.time() - began
             left = len(configs) - number
@@ -250,7 +252,8 @@ def compare(config: Config, run: Path) -> dict:
     seconds: dict[str, float] = {}
     for number, (method, stage) in enumerate(configs.items(), start=1):
         say(f"[study] {METHODS[method][0]} ({number}/{len(configs)}) → {stage.output_dir}")
-        wiring.run_stage("ppo", ppo.main, stage, Path(stage.output_dir).parent / "stages", road="study")
+        wiring.run_stage("ppo", ppo.main, stage, Path(stage.output_dir).parent / "stages", road="study",
+                             resolve=resolve_data_path)
         summary_file = Path(stage.output_dir) / "rlhf_summary.json"
         seconds[method] = json.loads(summary_file.read_text())["seconds"]  # its own wall time, also when kept
 

@@ -35,21 +35,19 @@ def stage_config(cls: type, name: str, *, section: dict[str, Any], wiring: dict[
     return cfg.build(cls, {**(defaults or {}), **(shared or {}), **section, **wiring}, where=f"{road} section '{name}'")
 
 
-def input_fingerprints(config: Any) -> dict[str, str]:
-    """The fingerprint (`cfg.fingerprint`) of every file or folder the config names, its output excepted; a built-in
-    data set (`builtin:NAME`) by the file it resolves to, so that a package whose built-in data changed reruns the
-    stages that read it."""
-    from rlhf.data import resolve_data_path
-
+def input_fingerprints(config: Any, resolve: Callable[[str], Path] | None = None) -> dict[str, str]:
+    """The fingerprint (`cfg.fingerprint`) of every file or folder the config names, its output excepted; with
+    `resolve` (`rlhf.data.resolve_data_path`), a built-in data set (`builtin:NAME`) by the file it resolves to, so
+    that a package whose built-in data changed reruns the stages that read it."""
     found = {}
     for key, value in cfg.to_dict(config).items():
         values = value if isinstance(value, list) else [value]
         for i, item in enumerate(values):
             if key == "output_dir" or not isinstance(item, str) or not item:
                 continue
-            if item.startswith("builtin:"):
+            if item.startswith("builtin:") and resolve is not None:
                 try:
-                    item = str(resolve_data_path(item))
+                    item = str(resolve(item))
                 except (OSError, ValueError):  # unknown or unavailable: the stage itself says so
                     continue
             if Path(item).exists():
@@ -73,7 +71,7 @@ def rerun_reason(done: dict, wanted: dict, inputs: dict[str, str], output: Path 
 
 
 def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, force: bool = False,
-              road: str = "pipeline") -> tuple[Any, bool]:
+              road: str = "pipeline", resolve: Callable[[str], Path] | None = None) -> tuple[Any, bool]:
     """`run(config)`, unless the marker says this stage finished with this very config and these very inputs, and
     its output is still there (and `force` is off). → (its result, whether it ran). The marker is written atomically
     after the stage returns."""
@@ -82,7 +80,7 @@ def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, 
     output = Path(config.output_dir) if getattr(config, "output_dir", "") else None
     if not force and marker.is_file():
         done = json.loads(marker.read_text())
-        reason = rerun_reason(done, wanted, input_fingerprints(config), output)
+        reason = rerun_reason(done, wanted, input_fingerprints(config, resolve), output)
         if reason is None:
             say(f"[{road}] {name}: finished earlier, skipped ({marker})")
             return done.get("result"), False
@@ -91,7 +89,7 @@ def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, 
     if distributed.is_main():  # under torchrun: rank 0's result, written once; every stage ends with the processes
         markers.mkdir(parents=True, exist_ok=True)  # together, so they all took the same decisions up to here
         tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": wanted, "inputs": input_fingerprints(config), "result": result},
+        tmp.write_text(json.dumps({"config": wanted, "inputs": input_fingerprints(config, resolve), "result": result},
                                   indent=2, default=str))
         tmp.replace(marker)
     distributed.barrier()
@@ -99,12 +97,12 @@ def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, 
 
 
 def run_road(stages: dict[str, tuple[Callable[[Any], Any], Any]], markers: Path,
-             road: str = "pipeline") -> tuple[dict[str, Any], list[str]]:
+             road: str = "pipeline", resolve: Callable[[str], Path] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Run each (function, config) in order through `run_stage`; once one runs, every later one runs too.
     → (each stage's result, the names of the stages that ran this time)."""
     results: dict[str, Any] = {}
     ran: list[str] = []
     for name, (run, config) in stages.items():
-        results[name], did_run = run_stage(name, run, config, markers, force=bool(ran), road=road)
+        results[name], did_run = run_stage(name, run, config, markers, force=bool(ran), road=road, resolve=resolve)
         ran += [name] if did_run else []
     return results, ran

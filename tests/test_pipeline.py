@@ -74,14 +74,15 @@ class Step:
 def test_a_builtin_data_set_is_fingerprinted_by_what_it_holds(tmp_path, monkeypatch):
     """`builtin:NAME` is no path, but a stage that reads it must rerun when the package's built-in data changes."""
     from rlhf import hhh
+    from rlhf.data import resolve_data_path
 
     monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
     step = Step("builtin:hhh_prompts_train", str(tmp_path / "out"))
-    before = wiring.input_fingerprints(step)
+    before = wiring.input_fingerprints(step, resolve_data_path)
     assert set(before) == {"data"} and before["data"].startswith("sha256 ")
     monkeypatch.setitem(hhh.OPENINGS, "harmful", ["Never mind"])
-    assert wiring.input_fingerprints(step)["data"] != before["data"]
-    assert wiring.input_fingerprints(Step("builtin:no_such_set", str(tmp_path / "out"))) == {}
+    assert wiring.input_fingerprints(step, resolve_data_path)["data"] != before["data"]
+    assert wiring.input_fingerprints(Step("builtin:no_such_set", str(tmp_path / "out")), resolve_data_path) == {}
 
 
 def test_an_edited_input_or_a_missing_output_reruns_the_right_stages(tmp_path, capsys):
