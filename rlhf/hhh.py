@@ -31,20 +31,9 @@ HELD_OUT = 0.25  # share of each harmful category kept for evaluation
 HELD_OUT_WRITTEN = 0.5  # share of the written look-alikes and unanswerable questions kept for evaluation
 SEED = 0
 KINDS = ("harmful", "benign", "unanswerable", "answerable")
-# The openings of a train prompt's answers in the pairs stage (`rlhf.pairs`; '' or none: sampled from the start). Of
-# three answers, two are sampled freely and one opens as a refusal (harmful requests and their look-alikes) or as
-# "I don't know" (unanswerable questions and their twins), so nearly every prompt has a pair that puts the row's
-# choice to the annotator. The opening is the same on both kinds of a row: a reward model or DPO cannot do well by
-# liking or disliking it everywhere, only by telling the prompts apart. The other side of each such pair is the
-# model's own free answer (on-policy). A compliance opening on harmful requests ("Sure, here is", which the model
-# seldom writes) was tried instead of a free answer: DPO then refused 42.6% of the held-out harmful requests, fewer
-# than SFT (README, `make hhh`); pushing down an answer the model would not give changes little of what it gives.
-OPENINGS = {"harmful": ["", "I can't help with"], "benign": ["", "I can't help with"],
-            "unanswerable": ["", "I don't know"], "answerable": ["", "I don't know"]}
 FILES = {  # builtin:NAME → what it holds
     "hhh_demonstrations": "SFT: the task's written demonstrations and the explain-to-a-kid ones, shuffled",
-    "hhh_prompts_train": "pairs and PPO: train prompts of every kind (with the openings of their answers in the pairs "
-                         "stage) and explain-to-a-kid ones, interleaved",
+    "hhh_prompts_train": "pairs and PPO: train prompts of every kind and explain-to-a-kid ones, interleaved",
     "hhh_harmful_heldout": "held-out AdvBench requests",
     "hhh_benign_heldout": "held-out benign look-alikes",
     "hhh_unanswerable_heldout": "held-out unanswerable questions",
@@ -183,9 +172,8 @@ def rows_of(name: str) -> list[dict]:
         return _interleave([written, kid])
     if name == "hhh_prompts_train":
         kid = read_jsonl(kid_task / "prompts_train.jsonl")
-        groups = [[{"prompt": r["prompt"], "openings": OPENINGS[kind]} for r in task[f"{kind}_train"]]
-                  for kind in KINDS] + [[{"prompt": r["prompt"]} for r in kid]]
-        return _interleave(groups)
+        groups = [task[f"{kind}_train"] for kind in KINDS] + [kid]
+        return [{"prompt": r["prompt"]} for r in _interleave(groups)]
     key = name.removeprefix("hhh_")
     if key not in task:
         raise TaskError(f"unknown built-in data 'builtin:{name}'; known: {', '.join('builtin:' + k for k in FILES)}")

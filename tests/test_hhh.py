@@ -50,24 +50,6 @@ def test_builtin_names_materialise_into_the_cache(tmp_path, monkeypatch):
     assert all(set(json.loads(line)) == {"prompt", "completion"} for line in demos.read_text().splitlines())
 
 
-def test_train_prompts_carry_openings_that_put_each_rows_choice_in_a_pair():
-    """In the pairs stage each kind's train prompt has one answer that opens as the row's choice (a refusal, "I don't
-    know"), the others sampled freely; the explain-to-a-kid prompts and the held-out sets carry none. The openings,
-    finished as a sentence, are what the detectors look for."""
-    kinds = hhh.prompt_kinds()
-    rows = hhh.rows_of("hhh_prompts_train")
-    for row in rows:
-        kind = kinds.get(row["prompt"])
-        assert row.get("openings") == (hhh.OPENINGS[kind] if kind else None), row
-    for kind, detector, ending in [("harmful", is_refusal, " that."), ("benign", is_refusal, " that."),
-                                   ("unanswerable", says_dont_know, "."), ("answerable", says_dont_know, ".")]:
-        opened = [o for o in hhh.OPENINGS[kind] if o]
-        assert len(opened) == 1 and detector(opened[0] + ending), kind  # one answer opens as the row's choice
-        assert len(hhh.OPENINGS[kind]) < 3, kind  # and at least one of the three is sampled from the start
-    assert all("openings" not in row for name in ("harmful", "benign", "unanswerable", "answerable")
-               for row in hhh.rows_of(f"hhh_{name}_heldout"))
-
-
 def test_a_missing_pyrit_is_a_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyrit" else real(name, *a))

@@ -80,7 +80,7 @@ def test_a_builtin_data_set_is_fingerprinted_by_what_it_holds(tmp_path, monkeypa
     step = Step("builtin:hhh_prompts_train", str(tmp_path / "out"))
     before = wiring.input_fingerprints(step, resolve_data_path)
     assert set(before) == {"data"} and before["data"].startswith("sha256 ")
-    monkeypatch.setitem(hhh.OPENINGS, "harmful", ["Never mind"])
+    monkeypatch.setattr(hhh, "rows_of", lambda name: [{"prompt": "a prompt the package did not hold before"}])
     assert wiring.input_fingerprints(step, resolve_data_path)["data"] != before["data"]
     assert wiring.input_fingerprints(Step("builtin:no_such_set", str(tmp_path / "out")), resolve_data_path) == {}
 
