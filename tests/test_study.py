@@ -8,6 +8,7 @@ import torch
 
 from rlhf import cli, report, study, wiring
 from rlhf import config as cfg
+from rlhf.data import resolve_data_path
 
 # the gold judge (MiniLM) is the slow part on a tiny model: the monitor is off here (tests/test_monitor.py has it)
 TINY_SWEEP = ["--betas", "0,0.1", "--steps", "2", "--batch_size", "4", "--mini_batch_size", "2",
@@ -52,11 +53,11 @@ def test_kl_sweep_end_to_end(run_folder, capsys):
     config = cli.parse_stage_args("study", study.Config, ["--run_dir", str(run_folder), *TINY_SWEEP])
     runs = []
     _, ran = wiring.run_stage("ppo", runs.append, study.ppo_config(config, run_folder, sweep_dir / "beta_0.1", 0.1),
-                              sweep_dir / "beta_0.1" / "stages", road="study")
+                              sweep_dir / "beta_0.1" / "stages", road="study", resolve=resolve_data_path)
     assert not ran and not runs
     config.lr = 1e-4
     _, ran = wiring.run_stage("ppo", runs.append, study.ppo_config(config, run_folder, sweep_dir / "beta_0.1", 0.1),
-                              sweep_dir / "beta_0.1" / "stages", road="study")
+                              sweep_dir / "beta_0.1" / "stages", road="study", resolve=resolve_data_path)
     assert ran and runs[0].lr == 1e-4
     # the report of the run folder shows the sweep
     made = report.main(report.Config(run_dir=str(run_folder)))
