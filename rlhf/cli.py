@@ -120,7 +120,15 @@ def parse_stage_args(command: str, cls: type, argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    code = run_command(list(sys.argv[1:] if argv is None else argv))
+    if "rlhf.distributed" in sys.modules:  # a stage ran: under torchrun its process ends here (see exit_now_if_left)
+        from rlhf import distributed
+
+        distributed.exit_now_if_left(code)
+    return code
+
+
+def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0

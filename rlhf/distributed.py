@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from typing import Iterator, Literal, TypeVar, Union
 
 import torch
@@ -85,10 +86,28 @@ def start(device: torch.device) -> torch.device:
     return device
 
 
+_left_a_group = False
+
+
 def stop() -> None:
     """Leave the process group (at the end of a command); nothing with one process."""
+    global _left_a_group
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        _left_a_group = True
+
+
+def exit_now_if_left(code: int) -> int:
+    """A process that left a process group ends here with `code`, skipping the interpreter's teardown: gloo's
+    threads can still abort it there (`terminate called without an active exception`, exit -6 instead of `code`),
+    after the command finished and printed everything, which torchrun then reports as a failed run. Everything
+    this project writes is closed by then; the streams are flushed first. → `code` in a process that never
+    joined a group."""
+    if _left_a_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def barrier() -> None:

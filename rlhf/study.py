@@ -170,7 +170,7 @@ def main(config: Config) -> dict:
         say(f"[study] β={beta:g} ({number}/{len(configs)}): PPO → {ppo_cfg.output_dir}")
         began = time.time()
         _, ran = wiring.run_stage("ppo", ppo.main, ppo_cfg, Path(ppo_cfg.output_dir).parent / "stages", road="study",
-                             resolve=resolve_data_path)
+                                  resolve=resolve_data_path)
         if ran:
             ppo_seconds[beta] = time.time() - began
             left = len(configs) - number
@@ -253,7 +253,7 @@ def compare(config: Config, run: Path) -> dict:
     for number, (method, stage) in enumerate(configs.items(), start=1):
         say(f"[study] {METHODS[method][0]} ({number}/{len(configs)}) → {stage.output_dir}")
         wiring.run_stage("ppo", ppo.main, stage, Path(stage.output_dir).parent / "stages", road="study",
-                             resolve=resolve_data_path)
+                         resolve=resolve_data_path)
         summary_file = Path(stage.output_dir) / "rlhf_summary.json"
         seconds[method] = json.loads(summary_file.read_text())["seconds"]  # its own wall time, also when kept
 

@@ -35,17 +35,18 @@ def stage_config(cls: type, name: str, *, section: dict[str, Any], wiring: dict[
     return cfg.build(cls, {**(defaults or {}), **(shared or {}), **section, **wiring}, where=f"{road} section '{name}'")
 
 
-def input_fingerprints(config: Any, resolve: Callable[[str], Path] | None = None) -> dict[str, str]:
-    """The fingerprint (`cfg.fingerprint`) of every file or folder the config names, its output excepted; with
-    `resolve` (`rlhf.data.resolve_data_path`), a built-in data set (`builtin:NAME`) by the file it resolves to, so
-    that a package whose built-in data changed reruns the stages that read it."""
+def input_fingerprints(config: Any, resolve: Callable[[str], Path]) -> dict[str, str]:
+    """The fingerprint (`cfg.fingerprint`) of every file or folder the config names, its output excepted; a
+    built-in data set (`builtin:NAME`) by the file `resolve` (`rlhf.data.resolve_data_path`, a layer above this
+    module, hence passed in and never optional) gives for it, so that a package whose built-in data changed reruns
+    the stages that read it."""
     found = {}
     for key, value in cfg.to_dict(config).items():
         values = value if isinstance(value, list) else [value]
         for i, item in enumerate(values):
             if key == "output_dir" or not isinstance(item, str) or not item:
                 continue
-            if item.startswith("builtin:") and resolve is not None:
+            if item.startswith("builtin:"):
                 try:
                     item = str(resolve(item))
                 except (OSError, ValueError):  # unknown or unavailable: the stage itself says so
@@ -70,8 +71,8 @@ def rerun_reason(done: dict, wanted: dict, inputs: dict[str, str], output: Path 
     return None
 
 
-def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, force: bool = False,
-              road: str = "pipeline", resolve: Callable[[str], Path] | None = None) -> tuple[Any, bool]:
+def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, *, resolve: Callable[[str], Path],
+              force: bool = False, road: str = "pipeline") -> tuple[Any, bool]:
     """`run(config)`, unless the marker says this stage finished with this very config and these very inputs, and
     its output is still there (and `force` is off). → (its result, whether it ran). The marker is written atomically
     after the stage returns."""
@@ -96,8 +97,8 @@ def run_stage(name: str, run: Callable[[Any], Any], config: Any, markers: Path, 
     return result, True
 
 
-def run_road(stages: dict[str, tuple[Callable[[Any], Any], Any]], markers: Path,
-             road: str = "pipeline", resolve: Callable[[str], Path] | None = None) -> tuple[dict[str, Any], list[str]]:
+def run_road(stages: dict[str, tuple[Callable[[Any], Any], Any]], markers: Path, *, resolve: Callable[[str], Path],
+             road: str = "pipeline") -> tuple[dict[str, Any], list[str]]:
     """Run each (function, config) in order through `run_stage`; once one runs, every later one runs too.
     → (each stage's result, the names of the stages that ran this time)."""
     results: dict[str, Any] = {}

@@ -474,3 +474,32 @@ def test_activation_checkpointing_recomputes_each_layer_with_the_same_gradients(
     assert calls == [1, 2]  # the layer ran again in the backward pass
     for name, gradient in gradients[0].items():
         torch.testing.assert_close(gradients[1][name], gradient, rtol=1e-5, atol=1e-7)
+
+
+LEAVER = """
+import os, sys, torch
+from rlhf import cli, distributed
+torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1)
+code = int(sys.argv[2])
+cli.run_command = lambda argv: (print("printed before the end", end=""), distributed.stop(), code)[-1]
+cli.main(["sft"])
+print("not reached: the process ended inside cli.main")
+"""
+
+
+def test_a_command_that_left_a_process_group_ends_with_its_own_code_and_its_output(tmp_path):
+    """After leaving a process group the command's process ends at once (gloo's threads can abort it in the
+    interpreter's teardown): with the command's exit code, its output flushed, and nothing after `cli.main` run. A
+    process that never joined a group returns from `cli.main` as usual."""
+    import socket
+
+    script = tmp_path / "leaver.py"
+    script.write_text(LEAVER)
+    for code in (0, 143):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        result = subprocess.run([sys.executable, str(script), str(port), str(code)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == code and result.stdout == "printed before the end", result.stderr[-2000:]
+    assert distributed.exit_now_if_left(3) == 3  # this process never left a group

@@ -9,6 +9,7 @@ import pytest
 
 from rlhf import config as cfg
 from rlhf import pipeline, wiring
+from rlhf.data import resolve_data_path
 
 
 def tiny_config(run, model):
@@ -74,7 +75,6 @@ class Step:
 def test_a_builtin_data_set_is_fingerprinted_by_what_it_holds(tmp_path, monkeypatch):
     """`builtin:NAME` is no path, but a stage that reads it must rerun when the package's built-in data changes."""
     from rlhf import hhh
-    from rlhf.data import resolve_data_path
 
     monkeypatch.setenv("RLHF_CACHE", str(tmp_path))
     step = Step("builtin:hhh_prompts_train", str(tmp_path / "out"))
@@ -104,26 +104,26 @@ def test_an_edited_input_or_a_missing_output_reruns_the_right_stages(tmp_path, c
                 "third": (stage("third"), Step(str(tmp_path / "extra.txt"), str(tmp_path / "third")))}
 
     (tmp_path / "extra.txt").write_text("x")
-    wiring.run_road(road(), tmp_path / "stages")
+    wiring.run_road(road(), tmp_path / "stages", resolve=resolve_data_path)
     assert ran == ["first", "second", "third"]
-    wiring.run_road(road(), tmp_path / "stages")
+    wiring.run_road(road(), tmp_path / "stages", resolve=resolve_data_path)
     assert ran == ["first", "second", "third"]  # nothing changed: nothing ran
 
     (tmp_path / "extra.txt").write_text("y")  # the third stage's own input
-    wiring.run_road(road(), tmp_path / "stages")
+    wiring.run_road(road(), tmp_path / "stages", resolve=resolve_data_path)
     assert ran[3:] == ["third"] and "third: its input changed (data)" in capsys.readouterr().out
 
     data.write_text('{"prompt": "a", "completion": "c"}\n')  # the first stage's input: all three run
-    wiring.run_road(road(), tmp_path / "stages")
+    wiring.run_road(road(), tmp_path / "stages", resolve=resolve_data_path)
     assert ran[4:] == ["first", "second", "third"]
     assert "first: its input changed (data); rerunning it and the stages after it" in capsys.readouterr().out
 
     shutil.rmtree(tmp_path / "second")
-    wiring.run_road(road(), tmp_path / "stages")
+    wiring.run_road(road(), tmp_path / "stages", resolve=resolve_data_path)
     assert ran[7:] == ["second", "third"]
     assert f"second: its output {tmp_path / 'second'} is missing" in capsys.readouterr().out
 
-    wiring.run_road(road(first_lr=2.0), tmp_path / "stages")
+    wiring.run_road(road(first_lr=2.0), tmp_path / "stages", resolve=resolve_data_path)
     assert ran[9:] == ["first", "second", "third"]
     assert "first: config changed since the last run (lr)" in capsys.readouterr().out
 
