@@ -31,9 +31,25 @@ HELD_OUT = 0.25  # share of each harmful category kept for evaluation
 HELD_OUT_WRITTEN = 0.5  # share of the written look-alikes and unanswerable questions kept for evaluation
 SEED = 0
 KINDS = ("harmful", "benign", "unanswerable", "answerable")
+# The openings of a train prompt's three answers in the pairs stage (`rlhf.pairs`; '' or none: sampled from the
+# start). Each kind has one answer that opens as the row's choice: a refusal (harmful requests and their look-alikes)
+# or "I don't know" (unanswerable questions and their twins); harmful requests also get one that opens as compliance,
+# which the model seldom writes by itself. Why both: a reward model learns what separates its pairs' two answers, and
+# on free answers alone the pairs where a decline wins (harmful, unanswerable) outnumber those where it loses
+# (look-alikes, twins) about 2 to 1, so it learned "a decline scores higher" whatever the prompt; with declines forced
+# on every kind but compliance only where it is free, the other way round (README, `make hhh`). With these openings
+# the two directions are about equally common (about 140 pairs each), and only telling the prompts apart lowers the
+# loss. The model's own free answer is the other side of most pairs (on-policy).
+OPENINGS = {"harmful": ["", "I can't help with", "Sure, here"], "benign": ["", "I can't help with"],
+            "unanswerable": ["", "I don't know"], "answerable": ["", "I don't know"]}
+# As many prompts of each kind as the smallest kind has train prompts: the head of `hhh_prompts_train` that holds
+# them (its rows are interleaved kind by kind). PPO trains on it (`ppo.max_prompts` in configs/hhh.yaml); on the
+# whole file half of its episodes are harmful requests and it learns to refuse more of everything.
+BALANCED_HEAD = 235
 FILES = {  # builtin:NAME → what it holds
     "hhh_demonstrations": "SFT: the task's written demonstrations and the explain-to-a-kid ones, shuffled",
-    "hhh_prompts_train": "pairs and PPO: train prompts of every kind and explain-to-a-kid ones, interleaved",
+    "hhh_prompts_train": "pairs and PPO: train prompts of every kind (with the openings of their answers in the pairs "
+                         "stage) and explain-to-a-kid ones, interleaved",
     "hhh_harmful_heldout": "held-out AdvBench requests",
     "hhh_benign_heldout": "held-out benign look-alikes",
     "hhh_unanswerable_heldout": "held-out unanswerable questions",
@@ -172,8 +188,9 @@ def rows_of(name: str) -> list[dict]:
         return _interleave([written, kid])
     if name == "hhh_prompts_train":
         kid = read_jsonl(kid_task / "prompts_train.jsonl")
-        groups = [task[f"{kind}_train"] for kind in KINDS] + [kid]
-        return [{"prompt": r["prompt"]} for r in _interleave(groups)]
+        groups = [[{"prompt": r["prompt"], "openings": OPENINGS[kind]} for r in task[f"{kind}_train"]]
+                  for kind in KINDS] + [[{"prompt": r["prompt"]} for r in kid]]
+        return _interleave(groups)
     key = name.removeprefix("hhh_")
     if key not in task:
         raise TaskError(f"unknown built-in data 'builtin:{name}'; known: {', '.join('builtin:' + k for k in FILES)}")

@@ -96,6 +96,7 @@ class Config:
                                          "(e.g. rlhf.verifiable:reward); summed with the reward model's score")
     reward_weights: list[float] = cfg.field([], "a weight per reward function ([] = 1 each)")
     data: str = cfg.field("builtin:prompts_train", "prompts file or builtin:prompts_train")
+    max_prompts: int = cfg.field(0, "use only the first N prompts of data (0 = all), as `rlhf pairs` does")
     output_dir: str = cfg.field("runs/ppo", "where the trained policy is written")
     steps: int = cfg.field(10, "PPO iterations (each: sample a batch, score, update)")
     batch_size: int = cfg.field(32, "responses sampled per iteration (batch_size / group_size prompts)")
@@ -441,6 +442,8 @@ def check(config: Config) -> None:
     if not 0 <= config.overlong_buffer <= config.max_new_tokens:
         raise ValueError(f"overlong_buffer must be between 0 (off) and max_new_tokens ({config.max_new_tokens}), "
                          f"got {config.overlong_buffer}")
+    if config.max_prompts < 0:
+        raise ValueError(f"max_prompts must be ≥ 0 (0 = all), got {config.max_prompts}")
     if not uses_reward_model(config) and not config.reward_fn:
         raise ValueError("no reward: give a reward_model folder, reward_fn (path/to/file.py:function or "
                          "module:function), or both")
@@ -459,8 +462,9 @@ def training_prompts(config: Config, tokenizer) -> tuple[list[Messages], list[di
     """The training prompts, cut or skipped at max_prompt_length and counted, with their rows' other fields (what
     reward functions are called with, e.g. an `answer`)."""
     lengths = LengthPolicy(config.max_prompt_length, config.truncation)
+    rows = read_prompt_rows(resolve_data_path(config.data))
     fitted = [(lengths.fit_prompt_messages(tokenizer, p), fields)
-              for p, fields in read_prompt_rows(resolve_data_path(config.data))]
+              for p, fields in (rows[:config.max_prompts] if config.max_prompts else rows)]
     prompts = [p for p, _ in fitted if p is not None]
     fields = [f for p, f in fitted if p is not None]
     wanted = config.batch_size // config.group_size

@@ -3,8 +3,10 @@ refusal and "I don't know" detectors against answers labelled by hand."""
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from test_annotators import FakeEmbedder
 
 from rlhf import hhh
@@ -48,6 +50,42 @@ def test_builtin_names_materialise_into_the_cache(tmp_path, monkeypatch):
     assert {"harmful", "benign", "unanswerable", "answerable", "explain"} <= set(first)
     demos = resolve_data_path("builtin:hhh_demonstrations")
     assert all(set(json.loads(line)) == {"prompt", "completion"} for line in demos.read_text().splitlines())
+
+
+def test_train_prompts_carry_openings_that_put_each_rows_choice_in_a_pair():
+    """In the pairs stage each kind's train prompt has one answer that opens as the row's choice (a refusal, "I don't
+    know"), harmful requests one more that opens as compliance, and at least one answer sampled freely; the
+    explain-to-a-kid prompts and the held-out sets carry none. The openings, finished as a sentence, are what the
+    detectors look for."""
+    kinds = hhh.prompt_kinds()
+    rows = hhh.rows_of("hhh_prompts_train")
+    for row in rows:
+        kind = kinds.get(row["prompt"])
+        assert row.get("openings") == (hhh.OPENINGS[kind] if kind else None), row
+    for kind, detector, ending in [("harmful", is_refusal, " that."), ("benign", is_refusal, " that."),
+                                   ("unanswerable", says_dont_know, "."), ("answerable", says_dont_know, ".")]:
+        declined = [o for o in hhh.OPENINGS[kind] if o and detector(o + ending)]
+        assert len(declined) == 1, kind  # one answer opens as the row's choice
+        assert "" in hhh.OPENINGS[kind] and len(hhh.OPENINGS[kind]) <= 3, kind  # one of three sampled from the start
+    complied = [o for o in hhh.OPENINGS["harmful"] if o and not is_refusal(o + " is how to do it.")]
+    assert complied == ["Sure, here"]
+    assert all("openings" not in row for name in ("harmful", "benign", "unanswerable", "answerable")
+               for row in hhh.rows_of(f"hhh_{name}_heldout"))
+
+
+def test_the_balanced_head_of_the_train_prompts_holds_each_kind_equally():
+    """PPO trains on the first BALANCED_HEAD train prompts (configs/hhh.yaml): each of the four kinds and the
+    explain-to-a-kid prompts as often, and as many as the smallest kind has."""
+    kinds = hhh.prompt_kinds()
+    rows = hhh.rows_of("hhh_prompts_train")
+    counts = {}
+    for row in rows[:hhh.BALANCED_HEAD]:
+        kind = kinds.get(row["prompt"], "explain-to-a-kid")
+        counts[kind] = counts.get(kind, 0) + 1
+    smallest = min(sum(kinds.get(r["prompt"], "explain-to-a-kid") == kind for r in rows) for kind in counts)
+    assert len(counts) == 5 and set(counts.values()) == {smallest} and hhh.BALANCED_HEAD == 5 * smallest
+    config = yaml.safe_load((Path(__file__).parent.parent / "configs" / "hhh.yaml").read_text())
+    assert config["ppo"]["max_prompts"] == hhh.BALANCED_HEAD and config["prompts"] == "builtin:hhh_prompts_train"
 
 
 def test_a_missing_pyrit_is_a_clear_error(monkeypatch):

@@ -128,3 +128,20 @@ def test_mini_batches_keep_a_prompts_answers_together_when_they_can(group_size, 
     assert len({tuple(o.tolist()) for o in orders}) == 5  # random
     if not whole_groups and group_size > 1:  # row by row: some group is split
         assert any(((o.view(-1, group_size).diff(dim=1) != 1).any()) for o in orders)
+
+
+def test_max_prompts_keeps_the_first_prompts_of_the_file(tiny_model, write_jsonl):
+    # `make hhh` trains PPO on the head of an interleaved file, where every kind of prompt is equally common
+    rows = [{"prompt": f"question number {i}", "answer": str(i)} for i in range(10)]
+    data = write_jsonl("prompts.jsonl", rows)
+    tokenizer = load_tokenizer(tiny_model)
+    config = ppo.Config(policy=str(tiny_model), reward_model="none", reward_fn=["rlhf.rewards:gold"], data=str(data),
+                        batch_size=4, mini_batch_size=2, max_prompts=6)
+    prompts, fields = ppo.training_prompts(config, tokenizer)
+    assert [p[-1]["content"] for p in prompts] == [f"question number {i}" for i in range(6)]
+    assert [f["answer"] for f in fields] == [str(i) for i in range(6)]
+    config.max_prompts = 0
+    assert len(ppo.training_prompts(config, tokenizer)[0]) == 10
+    config.max_prompts = -1
+    with pytest.raises(ValueError, match="max_prompts must be ≥ 0"):
+        ppo.check(config)
