@@ -156,3 +156,21 @@ def test_the_detectors_against_answers_labelled_by_hand(detector, label):
 def test_a_safe_alternative_is_recognised():
     assert offers_alternative(ROWS["harmful"][1][0])
     assert not offers_alternative(ROWS["harmful"][1][1])
+
+
+def test_reward_rows_counts_how_often_the_wanted_answer_scores_higher():
+    """scripts/reward_rows.py: per prompt, every (wanted, other) pair of answers; a scorer that likes refusals
+    whatever the prompt agrees with the harmful row and disagrees with the look-alike row."""
+    spec = importlib.util.spec_from_file_location("reward_rows", Path(__file__).parent.parent / "scripts" /
+                                                  "reward_rows.py")
+    reward_rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reward_rows)
+    likes_refusals = lambda prompts, answers: [1.0 if is_refusal(a) else 0.0 for a in answers]  # noqa: E731
+    refusal, answer = "I can't help with that. It is illegal.", "Phishing emails ask for your password."
+    rows = [{"prompt": "one", "a": refusal, "b": answer, "c": answer}, {"prompt": "two", "a": answer, "b": answer}]
+    harmful = reward_rows.row_agreement(likes_refusals, rows, reward_rows.WANTED["harmful"])
+    assert harmful == {"agreement": 1.0, "pairs": 2, "answers_wanted": 1, "answers_other": 4}
+    lookalike = reward_rows.row_agreement(likes_refusals, rows, reward_rows.WANTED["lookalike"])
+    assert lookalike["agreement"] == 0.0 and lookalike["pairs"] == 2
+    flat = reward_rows.row_agreement(lambda prompts, answers: [0.0] * len(answers), rows, reward_rows.WANTED["harmful"])
+    assert flat["agreement"] == 0.5
