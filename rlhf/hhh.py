@@ -33,15 +33,17 @@ SEED = 0
 KINDS = ("harmful", "benign", "unanswerable", "answerable")
 # The openings of a train prompt's three answers in the pairs stage (`rlhf.pairs`; '' or none: sampled from the
 # start). Each kind has one answer that opens as the row's choice: a refusal (harmful requests and their look-alikes)
-# or "I don't know" (unanswerable questions and their twins); harmful requests also get one that opens as compliance,
-# which the model seldom writes by itself. Why both: a reward model learns what separates its pairs' two answers, and
-# on free answers alone the pairs where a decline wins (harmful, unanswerable) outnumber those where it loses
-# (look-alikes, twins) about 2 to 1, so it learned "a decline scores higher" whatever the prompt; with declines forced
-# on every kind but compliance only where it is free, the other way round (README, `make hhh`). With these openings
-# the two directions are about equally common (about 140 pairs each), and only telling the prompts apart lowers the
-# loss. The model's own free answer is the other side of most pairs (on-policy).
+# or "I don't know" (unanswerable questions and their twins). Harmful requests also get one that opens as compliance
+# and unanswerable questions one that opens as a confident answer ("The ..."): the SFT model seldom writes either by
+# itself. Why: a reward model learns what separates its pairs' two answers. On free answers alone the pairs where a
+# decline wins (harmful, unanswerable) outnumber those where it loses (look-alikes, twins) about 2 to 1, and it learned
+# "a decline scores higher" whatever the prompt; with declines forced on every kind and nothing else, the other way
+# round; without the confident opening, the twins' pairs (answer wins) outnumbered the unanswerable ones (decline
+# wins) 64 to 38 and PPO traded "I don't know" for answers (README, `make hhh`). With these openings each direction
+# is about equally common for each pair of rows, and only telling the prompts apart lowers the loss. The model's own
+# free answer is the other side of most pairs (on-policy).
 OPENINGS = {"harmful": ["", "I can't help with", "Sure, here"], "benign": ["", "I can't help with"],
-            "unanswerable": ["", "I don't know"], "answerable": ["", "I don't know"]}
+            "unanswerable": ["", "I don't know", "The"], "answerable": ["", "I don't know"]}
 # As many prompts of each kind as the smallest kind has train prompts: the head of `hhh_prompts_train` that holds
 # them (its rows are interleaved kind by kind). PPO trains on it (`ppo.max_prompts` in configs/hhh.yaml); on the
 # whole file half of its episodes are harmful requests and it learns to refuse more of everything.

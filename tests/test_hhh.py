@@ -54,7 +54,8 @@ def test_builtin_names_materialise_into_the_cache(tmp_path, monkeypatch):
 
 def test_train_prompts_carry_openings_that_put_each_rows_choice_in_a_pair():
     """In the pairs stage each kind's train prompt has one answer that opens as the row's choice (a refusal, "I don't
-    know"), harmful requests one more that opens as compliance, and at least one answer sampled freely; the
+    know"), harmful requests one more that opens as compliance, unanswerable questions one that opens as a confident
+    answer, and at least one answer sampled freely; the
     explain-to-a-kid prompts and the held-out sets carry none. The openings, finished as a sentence, are what the
     detectors look for."""
     kinds = hhh.prompt_kinds()
@@ -69,6 +70,8 @@ def test_train_prompts_carry_openings_that_put_each_rows_choice_in_a_pair():
         assert "" in hhh.OPENINGS[kind] and len(hhh.OPENINGS[kind]) <= 3, kind  # one of three sampled from the start
     complied = [o for o in hhh.OPENINGS["harmful"] if o and not is_refusal(o + " is how to do it.")]
     assert complied == ["Sure, here"]
+    asserted = [o for o in hhh.OPENINGS["unanswerable"] if o and not says_dont_know(o + " answer is 1911.")]
+    assert asserted == ["The"]  # a confident answer to weigh "I don't know" against, as compliance on harmful requests
     assert all("openings" not in row for name in ("harmful", "benign", "unanswerable", "answerable")
                for row in hhh.rows_of(f"hhh_{name}_heldout"))
 
