@@ -55,9 +55,8 @@ def test_builtin_names_materialise_into_the_cache(tmp_path, monkeypatch):
 def test_train_prompts_carry_openings_that_put_each_rows_choice_in_a_pair():
     """In the pairs stage each kind's train prompt has one answer that opens as the row's choice (a refusal, "I don't
     know"), harmful requests one more that opens as compliance, unanswerable questions one that opens as a confident
-    answer, and at least one answer sampled freely; the
-    explain-to-a-kid prompts and the held-out sets carry none. The openings, finished as a sentence, are what the
-    detectors look for."""
+    answer, and at least one answer sampled freely; the explain-to-a-kid prompts and the held-out sets carry none.
+    The openings, finished as a sentence, are what the detectors look for."""
     kinds = hhh.prompt_kinds()
     rows = hhh.rows_of("hhh_prompts_train")
     for row in rows:
