@@ -22,7 +22,9 @@ changes nothing on CPU: every forward pass, generation included, runs in fp32. T
 from that (`--settings`): `fp32`, ours in fp32 against TRL as it runs; and `bf16`, both under bf16 autocast, TRL's
 put on by this harness (see `trl_trainer`). `defaults` (or `--defaults`) pairs ours as recommended (bf16, the value
 head on the policy: 3 models) with TRL in fp32, its only precision on CPU (it runs with `bf16=False` here; with
-`bf16=True` its forward passes stay fp32 all the same, checked with hooks).
+`bf16=True` its forward passes stay fp32 all the same, checked with hooks). Per ISA level (`--isa`): `auto`, the
+four models on both sides with ours' default precision and TRL's best; `auto_head`, ours in all its defaults (the
+value head too) against TRL as `auto` runs it.
 
 Reported per side: seconds per PPO iteration (median), episodes/s, response tokens/s, the share of the
 iteration spent generating, peak resident memory (each side alone in a child process), and the KL / score
@@ -144,6 +146,9 @@ SETTINGS = {
                                   "(TRL's put on by the harness)"),
     "defaults": ("head", True, False, "defaults: ours bf16 with the value head on the policy (3 models); TRL 1.12 in "
                                       "fp32, the only precision its PPOTrainer applies on CPU"),
+    "auto_head": ("head", "auto", "native", "ours in all its default settings, the critic included (the value head on "
+                                            "the policy: 3 models, `bf16: auto`); TRL in its best precision on this "
+                                            "CPU, with its separate critic (4 models: the only set-up it has)"),
 }
 
 
