@@ -38,6 +38,7 @@ ISA = _isa.reexec()  # --isa LEVEL: the caps must be in the environment before t
 import torch  # noqa: E402
 
 from rlhf.data import builtin_task_dir  # noqa: E402
+from rlhf.hardware import keep_freed_memory  # noqa: E402
 from rlhf.models import build_tiny_model, resolve_model_path  # noqa: E402
 
 BATCH = 8  # examples (SFT) or pairs (reward, DPO) per step, on both sides
@@ -211,6 +212,7 @@ def child(stage: Stage, side: str, steps: int, tiny: bool) -> None:
         tmp = Path(tmp)
         model_dir = speed_model(tmp, tiny)
         if side == "ours":
+            keep_freed_memory()  # what every `rlhf` stage command does first: ours as its users run it
             ours = stage.ours(model_dir, tmp / "ours", steps)
             for _ in range(steps):
                 next(ours)

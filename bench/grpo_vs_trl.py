@@ -54,6 +54,7 @@ import torch
 
 from rlhf import grpo, losses, ppo
 from rlhf.data import encode_prompt, write_jsonl
+from rlhf.hardware import keep_freed_memory
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.rollout import sample
 from rlhf.verifiable import problems
@@ -244,6 +245,7 @@ def child(side: str, steps: int, tiny: bool, ours_bf16, trl_bf16: bool, compile_
         tmp = Path(name)
         model_dir = common.speed_model(tmp, tiny)
         if side == "ours":
+            keep_freed_memory()  # what every `rlhf` stage command does first: ours as its users run it
             run = ours_steps(model_dir, tmp, steps, ours_bf16, compile_)
             for _ in range(steps):
                 next(run)

@@ -61,6 +61,7 @@ import torch  # noqa: E402
 
 from rlhf import ppo  # noqa: E402
 from rlhf.data import encode_prompt, read_prompts, resolve_data_path, write_jsonl  # noqa: E402
+from rlhf.hardware import keep_freed_memory  # noqa: E402
 from rlhf.models import build_tiny_model, load_tokenizer, resolve_model_path  # noqa: E402
 
 BATCH = 8
@@ -335,6 +336,7 @@ def memory_child(side: str, tmp: Path, setting: str) -> None:
         generation = TimedGeneration(trl_autocast)  # noqa: F841 (it wraps TRL's generation in autocast when asked)
         trl_trainer(policy_dir, reward_dir, prompts, tmp / "mem_trl", steps, autocast=trl_autocast).train()
     else:
+        keep_freed_memory()  # what every `rlhf` stage command does first: ours as its users run it
         prompts_file = write_jsonl(tmp / "mem_prompts.jsonl", [{"prompt": p} for p in prompts])
         run = ppo.training(our_config(policy_dir, reward_dir, prompts_file, tmp / "mem_ours", steps, critic, ours_bf16))
         for _ in range(steps):

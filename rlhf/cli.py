@@ -167,6 +167,9 @@ def run_command(argv: list[str]) -> int:
 
     try:
         config = parse_stage_args(command, config_cls, rest)
+        from rlhf.hardware import keep_freed_memory
+
+        keep_freed_memory()
         run(config)
         distributed.stop()
     except (cfg.ConfigError, DataError, FileNotFoundError, distributed.SettingError) as e:  # the same on every

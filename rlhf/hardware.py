@@ -193,3 +193,37 @@ def autocast(device: torch.device, bf16: bool):
 def packs_bf16_weights() -> bool:
     """Whether oneDNN can pack bf16 weights here: it refuses below AVX-512 (AVX2 laptops), even when bf16 is forced."""
     return cpu_info().onednn_bf16
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+ALLOCATOR_ENV = "RLHF_ALLOCATOR"  # "system" leaves the C library's allocator as it is
+
+
+@functools.cache
+def keep_freed_memory() -> str:
+    """Ask glibc's malloc to keep freed memory for the next pass instead of giving it back to the system: no block
+    from mmap, the top of the heap never trimmed (below 2 GiB free), 512 MiB of padding each time it grows.
+
+    Why: by default every large block (activations, weights cast to bf16, gradients, logits) is unmapped when freed,
+    and the next pass faults its pages in again. That cost 4–25% of a forward and backward pass of the embedded model
+    on the CPUs measured (bench/README.md, `bench/allocator.py`). The price is a peak resident memory that can be
+    higher, since freed memory stays with the process (lower in the reward model's run, higher in others).
+    Left alone: other C libraries (musl, macOS, Windows), any MALLOC_* setting of the user's, and RLHF_ALLOCATOR=system.
+    → what was done, also printed once per process."""
+    import ctypes
+
+    if os.environ.get(ALLOCATOR_ENV, "").lower() == "system":
+        why = f"the C library's default allocator ({ALLOCATOR_ENV}=system)"
+    elif any(key.startswith("MALLOC_") for key in os.environ):
+        why = "the allocator as your MALLOC_* settings make it"
+    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        why = "the C library's default allocator (not glibc)"
+    else:
+        mallopt = ctypes.CDLL(None).mallopt
+        done = [mallopt(_M_MMAP_MAX, 0), mallopt(_M_TRIM_THRESHOLD, 2**31 - 1), mallopt(_M_TOP_PAD, 512 * 2**20)]
+        why = ("glibc keeps freed memory for reuse (no pages given back between passes; "
+               f"{ALLOCATOR_ENV}=system to leave it alone)" if all(done) else
+               "the C library's default allocator (glibc refused the settings)")
+    say(f"[memory] {why}")
+    return why

@@ -101,8 +101,44 @@ eval: {{max_prompts: 4, max_new_tokens: 6, harmful_prompts: none}}
     assert "Traceback" not in done.stderr
     assert says in done.stdout
     assert done.stdout.count("[precision]") == 1  # said once per run, not once per stage
+    assert done.stdout.count("[memory]") == 1
     for stage in ("sft", "reward", "ppo", "dpo"):
         assert (tmp_path / "run" / stage / "config.json").is_file()
+
+
+RSS_AFTER_A_FREE = """
+import re, torch
+from rlhf.hardware import keep_freed_memory
+said = keep_freed_memory()
+rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+block = torch.ones(64 * 2**20)  # 256 MiB, written
+held = rss()
+del block
+print(said)
+print(held - rss())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/self/status")
+def test_freed_memory_stays_with_the_process_unless_told_otherwise():
+    """`keep_freed_memory` (called by every `rlhf` stage command): on glibc a freed 256 MiB block stays resident,
+    ready for the next pass; with RLHF_ALLOCATOR=system, or any MALLOC_* setting of the user's, glibc's default gives
+    it back at once."""
+    glibc = platform.libc_ver()[0] == "glibc"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "RLHF_ALLOCATOR"}
+    kept = subprocess.run([sys.executable, "-c", RSS_AFTER_A_FREE], env=clean, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).parent.parent)
+    said, returned = kept.stdout.strip().splitlines()[-2:]
+    assert ("glibc keeps freed memory" in said) == glibc, kept.stdout
+    if glibc:
+        assert int(returned) < 16, kept.stdout  # MiB given back to the system: none of the block
+    for env, reason in (({"RLHF_ALLOCATOR": "system"}, "RLHF_ALLOCATOR=system"),
+                        ({"MALLOC_ARENA_MAX": "4"}, "your MALLOC_* settings")):
+        default = run_python(RSS_AFTER_A_FREE, env)
+        said, returned = default.stdout.strip().splitlines()[-2:]
+        assert reason in said, default.stdout
+        if glibc:
+            assert int(returned) > 200, default.stdout
 
 
 def test_models_load_without_hub_kernels(tiny_model):
