@@ -29,6 +29,7 @@ import _isa  # noqa: E402
 ISA = _isa.reexec()  # --isa LEVEL: the caps must be in the environment before torch is imported
 
 import torch  # noqa: E402
+from _common import peak_rss_mib  # noqa: E402
 
 from rlhf import fast  # noqa: E402
 from rlhf.hardware import autocast, resolve_bf16  # noqa: E402
@@ -36,13 +37,6 @@ from rlhf.models import resolve_model_path  # noqa: E402
 
 SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_",
             "MALLOC_ARENA_MAX")
-
-
-def peak_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

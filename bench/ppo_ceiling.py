@@ -64,16 +64,16 @@ def pass_flops(model, input_ids: torch.Tensor, prompt_width: int, bf16: bool) ->
     backbone, head = model.model, model.lm_head
     out = {}
     with autocast(torch.device("cpu"), bf16):
-        hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state.detach().requires_grad_()
-        out["backbone_forward"] = flops(lambda: backbone(input_ids=input_ids, use_cache=False))
-        for name, positions in (("all", hidden), ("answer", hidden[:, prompt_width - 1:-1])):
-            out[f"head_{name}_forward"] = flops(lambda positions=positions: head(positions))
-            logits = head(positions)
-            out[f"head_{name}_backward"] = flops(lambda logits=logits: logits.float().sum().backward())
         with FlopCounterMode(display=False) as counter:
-            backbone(input_ids=input_ids, use_cache=False).last_hidden_state.float().sum().backward()
-        out["backbone_forward_backward"] = counter.get_total_flops()
-    out["backbone_backward"] = out.pop("backbone_forward_backward") - out["backbone_forward"]
+            hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
+        out["backbone_forward"] = counter.get_total_flops()
+        out["backbone_backward"] = flops(lambda: hidden.float().sum().backward())
+        hidden = hidden.detach().requires_grad_()
+        for name, positions in (("all", hidden), ("answer", hidden[:, prompt_width - 1:-1])):
+            with FlopCounterMode(display=False) as counter:
+                logits = head(positions)
+            out[f"head_{name}_forward"] = counter.get_total_flops()
+            out[f"head_{name}_backward"] = flops(lambda logits=logits: logits.float().sum().backward())
     return out
 
 
