@@ -14,6 +14,7 @@ arithmetic task with its checker alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from rlhf import config as cfg
 from rlhf import ppo
@@ -21,6 +22,7 @@ from rlhf import ppo
 
 @dataclass
 class Config(ppo.Config):
+    name: ClassVar[str] = "grpo"
     output_dir: str = cfg.field("runs/grpo", "where the trained policy is written")
     advantage: str = cfg.field("grpo", "grpo (group mean and std), dr_grpo (group mean only), rloo (leave-one-out "
                                        "mean), reinforce_pp (batch-whitened returns) or gae (PPO with a critic)")

@@ -34,7 +34,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 
@@ -88,6 +88,7 @@ AGGREGATIONS = {"token": losses.token_mean, "sequence": losses.sequence_mean, "c
 
 @dataclass
 class Config:
+    name: ClassVar[str] = "ppo"  # the stage's name in what it prints (`rlhf grpo` runs this loop as "grpo")
     policy: str = cfg.field("runs/sft", "the SFT model: the policy's start and the frozen KL reference")
     reward_model: str = cfg.field("runs/reward", "the reward model folder (from `rlhf reward`); '' or 'none' = no "
                                                  "reward model (then reward_fn gives the rewards)")
@@ -406,7 +407,7 @@ def load_models(config: Config, device, bf16: bool) -> Models:
     mean, std = load_reward_normalisation(reward_path) if normalised else (0.0, 1.0)
     sources = ([f"reward model {reward_path} (normalised with mean {mean:.3f}, std {std:.3f})"] if reward_path else [])
     sources += [f"reward functions {', '.join(config.reward_fn)}"] if functions else []
-    say(f"[ppo] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), advantage "
+    say(f"[{config.name}] policy {policy_path} ({trainable / 1e6:.1f}M of {total / 1e6:.1f}M trained), advantage "
         f"{config.advantage}, {' + '.join(sources)} on {device}")
     return Models(tokenizer, policy, reference, reward_model, reward_tokenizer, value_head, critic, mean, std,
                   functions)
@@ -471,7 +472,7 @@ def training_prompts(config: Config, tokenizer) -> tuple[list[Messages], list[di
     if len(prompts) < wanted:
         raise ValueError(f"{config.data}: {len(prompts)} usable prompts, fewer than batch_size / group_size = {wanted} "
                          f"(skipped {lengths.skipped} over max_prompt_length); lower batch_size or add prompts")
-    say(f"[ppo] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at "
+    say(f"[{config.name}] {len(prompts)} prompts ({lengths.skipped} skipped and {lengths.truncated} truncated at "
         f"max_prompt_length={config.max_prompt_length})")
     return prompts, fields
 
@@ -602,7 +603,7 @@ def training(config: Config) -> Iterator[dict]:
     # the whole state is saved every save_every steps and on SIGTERM/SIGINT, and a rerun continues from it
     inputs = {"policy": resolve_model_path(config.policy), "data": resolve_data_path(config.data),
               **({"reward_model": resolve_model_path(config.reward_model)} if uses_reward_model(config) else {})}
-    state = TrainingState("ppo", config, inputs, out)
+    state = TrainingState(config.name, config, inputs, out)
     modules = {name: module for name, module in (("policy", policy), ("critic", models.critic),
                                                  ("value_head", models.value_head)) if module is not None}
     start, extra = state.resume(modules, optimizer, schedule)
@@ -620,7 +621,7 @@ def training(config: Config) -> Iterator[dict]:
     lanes = fast.SideBySide(config.side_by_side and device.type == "cpu") \
         if models.critic is not None and not shared_gradients else None
     beta, rng, order, samples, history = config.beta, random.Random(config.seed), [], [], []
-    bad_steps = BadSteps("ppo", config.max_bad_steps, unit="updates")
+    bad_steps = BadSteps(config.name, config.max_bad_steps, unit="updates")
     if extra:
         beta, order, samples, history = extra["beta"], extra["order"], extra["samples"], extra["history"]
         rng.setstate(extra["rng"])
@@ -634,7 +635,7 @@ def training(config: Config) -> Iterator[dict]:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, config.steps), desc="ppo", unit="step", initial=start, total=config.steps,
+    bar = tqdm(range(start, config.steps), desc=config.name, unit="step", initial=start, total=config.steps,
                disable=not distributed.is_main())
     state.watch_signals()
     clip_low, clip_high = config.clip_low or config.clip, config.clip_high or config.clip
@@ -807,6 +808,6 @@ def save(config: Config, models: Models, out: Path, history: list[dict], beta: f
                 json_files={"rlhf_config.json": cfg.to_dict(config), "rlhf_summary.json": summary},
                 tensors={"value_head.safetensors": models.value_head.state_dict()} if models.value_head else None,
                 subfolders={"critic": (critic, models.reward_tokenizer)} if critic is not None else None)
-    say(f"[ppo] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → "
+    say(f"[{config.name}] saved {out} ({summary['seconds']} s): score {summary['first']['score']:.3f} → "
         f"{summary['last']['score']:.3f}, KL {summary['last']['kl']:.3f}")
     return summary

@@ -276,6 +276,19 @@ def test_rlhf_grpo_is_ppos_stage_with_grpos_defaults(tmp_path):
     assert cli.main(["grpo", "--advantage", "grpo", "--group_size", "1"]) == 2
 
 
+def test_grpo_speaks_as_grpo(tiny_model, write_jsonl, capsys):
+    """`rlhf grpo` runs PPO's loop; what it prints names it as the stage the user ran."""
+    from rlhf import grpo
+    from rlhf.models import load_tokenizer
+
+    prompts = write_jsonl("prompts.jsonl", [{"prompt": f"Explain {t}."} for t in ("rain", "wind", "snow", "the sun")])
+    tokenizer = load_tokenizer(tiny_model)
+    for stage in (ppo, grpo):
+        ppo.training_prompts(stage.Config(data=str(prompts), batch_size=4, mini_batch_size=2, group_size=2), tokenizer)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in printed] == [["[ppo]", "4"], ["[grpo]", "4"]]
+
+
 def test_ppo_separate_critic_model(tiny_model, reward_dir, write_jsonl, tmp_path, monkeypatch):
     """critic: model is the four-model set-up: a trainable copy of the reward model gives the values."""
     prompts = write_jsonl("prompts.jsonl", PROMPTS)
