@@ -201,15 +201,3 @@ def test_knowledge_probe_scores_each_pair_with_a_probe_that_did_not_see_it():
     assert separated["made_up_above_twin"] == 1.0 and separated["made_up_caught_at_90pct_answered"] >= 0.9
     chance = probe.separation(probe.held_out_scores(noise, folds))
     assert 0.2 <= chance["made_up_above_twin"] <= 0.8 and chance["made_up_caught_at_90pct_answered"] <= 0.4
-
-
-def test_ppo_ceiling_counts_what_each_side_computes_after_generating(monkeypatch):
-    """bench/ppo_ceiling.py: TRL's ten passes with the LM head everywhere against our eight with it on the answer
-    only, from hand-chosen pass costs (backbone forward 10, backward 20; LM head 4 everywhere, 1 on the answer,
-    backward twice that)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "bench"))  # its `_isa`, as when run as a script
-    ceiling = _script("ppo_ceiling", "bench")
-    parts = {"backbone_forward": 10, "backbone_backward": 20, "head_all_forward": 4, "head_all_backward": 8,
-             "head_answer_forward": 1, "head_answer_backward": 2}
-    # TRL: 2·(10+4) + 2·10 + (10+4+20+8) + (10+20) = 28 + 20 + 42 + 30; ours: 11 + 10 + (10+1+20+2) + (10+20)
-    assert ceiling.per_iteration(parts) == {"trl": 120, "ours": 84}
