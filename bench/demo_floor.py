@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def stage(run: Path, name: str) -> dict:
     return json.loads((run / "stages" / f"{name}.json").read_text())
 
 
+def train_pairs(pairs: list[dict], done: dict) -> list[dict]:
+    """The pairs a reward or DPO stage trained on: shuffled with its seed, the held-out ones first (as the stages
+    split them; the demo skips no pair)."""
+    shuffled = list(pairs)
+    random.Random(done["config"]["seed"]).shuffle(shuffled)
+    return shuffled[len(shuffled) - done["result"]["train_pairs"]:]
+
+
 def demo_positions(run: Path, tokenizer) -> dict[str, dict[str, float]]:
     """Per stage, positions through the layers and through the LM head, in forward-pass equivalents (docstring)."""
     def user(text: str) -> list[dict]:
@@ -95,7 +104,7 @@ def demo_positions(run: Path, tokenizer) -> dict[str, dict[str, float]]:
     out["pairs"] = {"layers": sum(2 * prompt_length(p["prompt"]) for p in pairs) + new, "head": new}
 
     reward = stage(run, "reward")
-    train = pairs[:reward["result"]["train_pairs"]]  # the held-out share is taken from the end
+    train = train_pairs(pairs, reward)
     packed = sum(len(encode_conversation(tokenizer, user(p["prompt"]), p["chosen"]))
                  + len(encode_response(tokenizer, p["rejected"])) for p in train)
     every_answer = sum(len(encode_conversation(tokenizer, user(p["prompt"]), p[k])) for p in pairs
@@ -120,7 +129,7 @@ def demo_positions(run: Path, tokenizer) -> dict[str, dict[str, float]]:
     out["ppo"] = {"layers": layers, "head": head}
 
     dpo = stage(run, "dpo")
-    train = pairs[:dpo["result"]["train_pairs"]]
+    train = train_pairs(pairs, dpo)
     packed = sum(len(encode_conversation(tokenizer, user(p["prompt"]), p["chosen"]))
                  + len(encode_response(tokenizer, p["rejected"])) for p in train)
     answers = sum(len(encode_response(tokenizer, p[k])) for p in train for k in ("chosen", "rejected"))
