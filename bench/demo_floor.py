@@ -44,6 +44,7 @@ from transformers import AutoConfig  # noqa: E402
 
 from rlhf.data import encode_conversation, encode_prompt, encode_response, read_prompts, resolve_data_path  # noqa: E402
 from rlhf.models import load_tokenizer, resolve_model_path  # noqa: E402
+from rlhf.tracking import last_run, read_jsonl  # noqa: E402
 
 BACKWARD = 2  # a backward pass costs two forward passes' multiply-adds
 
@@ -92,32 +93,44 @@ def demo_positions(run: Path, tokenizer) -> dict[str, dict[str, float]]:
     def prompt_length(text: str) -> int:
         return len(encode_prompt(tokenizer, user(text)))
 
+    def prompt_texts(name: str) -> list[str]:
+        return [messages[-1]["content"] for messages in read_prompts(resolve_data_path(name))]
+
+    def packed(pairs: list[dict]) -> int:
+        """A pair's positions with its prompt once (as `rlhf.reward.pair_scores` and DPO pack them)."""
+        return sum(len(encode_conversation(tokenizer, user(p["prompt"]), p["chosen"]))
+                   + len(encode_response(tokenizer, p["rejected"])) for p in pairs)
+
+    def rows(path: Path) -> list[dict]:
+        found = read_jsonl(path)
+        if not found:
+            sys.exit(f"{path}: missing or empty; pass a finished `rlhf pipeline` folder")
+        return found
+
     out = {}
     sft = stage(run, "sft")["config"]
-    demos = [json.loads(line) for line in resolve_data_path(sft["data"]).read_text().splitlines() if line.strip()]
+    demos = rows(resolve_data_path(sft["data"]))
     whole = sum(len(encode_conversation(tokenizer, user(d["prompt"]), d["completion"])) for d in demos)
     answer = sum(len(encode_response(tokenizer, d["completion"])) for d in demos)
     out["sft"] = {"layers": sft["epochs"] * (1 + BACKWARD) * whole, "head": sft["epochs"] * (1 + BACKWARD) * answer}
 
-    pairs = [json.loads(line) for line in (run / "pairs" / "pairs.jsonl").read_text().splitlines() if line.strip()]
+    pairs = rows(run / "pairs" / "pairs.jsonl")
     new = sum(len(encode_response(tokenizer, p[k], add_eos=False)) for p in pairs for k in ("chosen", "rejected"))
     out["pairs"] = {"layers": sum(2 * prompt_length(p["prompt"]) for p in pairs) + new, "head": new}
 
     reward = stage(run, "reward")
-    train = train_pairs(pairs, reward)
-    packed = sum(len(encode_conversation(tokenizer, user(p["prompt"]), p["chosen"]))
-                 + len(encode_response(tokenizer, p["rejected"])) for p in train)
     every_answer = sum(len(encode_conversation(tokenizer, user(p["prompt"]), p[k])) for p in pairs
                        for k in ("chosen", "rejected"))
-    out["reward"] = {"layers": reward["config"]["epochs"] * (1 + BACKWARD) * packed + every_answer, "head": 0}
+    out["reward"] = {"layers": reward["config"]["epochs"] * (1 + BACKWARD) * packed(train_pairs(pairs, reward))
+                     + every_answer, "head": 0}
 
     ppo = stage(run, "ppo")["config"]
-    prompts = [p[-1]["content"] for p in read_prompts(resolve_data_path(ppo["data"]))]
+    prompts = prompt_texts(ppo["data"])
     mean_prompt = sum(map(prompt_length, prompts)) / len(prompts)
-    metrics = [json.loads(line) for line in (run / "ppo_logs" / "metrics.jsonl").read_text().splitlines()]
+    metrics, _ = last_run(rows(run / "ppo_logs" / "metrics.jsonl"))  # the log of the run that finished
     layers = head = 0.0
     reused = ppo["ppo_epochs"] == 1 and ppo["mini_batch_size"] == ppo["batch_size"]  # as `rlhf.ppo` decides
-    held = [p[-1]["content"] for p in read_prompts(resolve_data_path(ppo["monitor_prompts"]))][:ppo["monitor_size"]]
+    held = prompt_texts(ppo["monitor_prompts"])[:ppo["monitor_size"]]
     held_prompt = sum(map(prompt_length, held)) / len(held)
     for row in metrics:
         step = ppo_iteration_positions(ppo["batch_size"], mean_prompt, row["response_length"], ppo["ppo_epochs"],
@@ -130,16 +143,14 @@ def demo_positions(run: Path, tokenizer) -> dict[str, dict[str, float]]:
 
     dpo = stage(run, "dpo")
     train = train_pairs(pairs, dpo)
-    packed = sum(len(encode_conversation(tokenizer, user(p["prompt"]), p["chosen"]))
-                 + len(encode_response(tokenizer, p["rejected"])) for p in train)
     answers = sum(len(encode_response(tokenizer, p[k])) for p in train for k in ("chosen", "rejected"))
     epochs = dpo["config"]["epochs"]
     reference = 1 if dpo["config"]["precompute_reference"] else epochs
-    out["dpo"] = {"layers": (epochs * (1 + BACKWARD) + reference) * packed,
+    out["dpo"] = {"layers": (epochs * (1 + BACKWARD) + reference) * packed(train),
                   "head": (epochs * (1 + BACKWARD) + reference) * answers}
 
     evaluation = stage(run, "eval")["config"]
-    held = [p[-1]["content"] for p in read_prompts(resolve_data_path(evaluation["data"]))]
+    held = prompt_texts(evaluation["data"])
     held = held[:evaluation["max_prompts"]] if evaluation["max_prompts"] else held
     answers = len(evaluation["models"]) * len(held)
     held_prompt = sum(map(prompt_length, held)) / len(held)
@@ -148,7 +159,7 @@ def demo_positions(run: Path, tokenizer) -> dict[str, dict[str, float]]:
     layers, head = answers * ((held_prompt + answer) * 4), answers * answer * 3
     for key in ("harmful_prompts", "lookalike_prompts", "unanswerable_prompts", "answerable_prompts"):
         if evaluation.get(key) not in (None, "", "none"):  # each model answers each behaviour set's prompts
-            kind = [p[-1]["content"] for p in read_prompts(resolve_data_path(evaluation[key]))]
+            kind = prompt_texts(evaluation[key])
             layers += len(evaluation["models"]) * sum(prompt_length(p) + answer for p in kind)
             head += len(evaluation["models"]) * len(kind) * answer
     out["eval"] = {"layers": layers, "head": head}
